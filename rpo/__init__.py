@@ -1,0 +1,1 @@
+"""rpo: Iterative Reasoning Preference Optimization and CoT-Self-Instruct in JAX."""

@@ -1,0 +1,45 @@
+"""The decoder family (Llama, Mistral, Qwen2, Qwen3) and HF checkpoints in and out.
+
+Public API:
+  load_pretrained(path, *, dtype="float32", shardings=None) -> (config, params)
+  save_pretrained(config, params, path)
+  forward(config, params, tokens) -> logits
+  load_tokenizer(path)
+The cached forward and the building blocks used by sampling and training live in
+rpo.models.decoder.
+"""
+
+from rpo.models.config import ModelConfig, UnsupportedConfigError, from_hf_dict, load_config
+from rpo.models.decoder import (
+    forward,
+    forward_cached,
+    hidden_states,
+    init_cache,
+    init_params,
+    logits_from_hidden,
+    param_axes,
+    param_shapes,
+    unembed_matrix,
+)
+from rpo.models.hf import load_pretrained, load_tokenizer, save_pretrained
+from rpo.models.safetensors_io import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "ModelConfig",
+    "UnsupportedConfigError",
+    "forward",
+    "forward_cached",
+    "from_hf_dict",
+    "hidden_states",
+    "init_cache",
+    "init_params",
+    "load_config",
+    "load_pretrained",
+    "load_tokenizer",
+    "logits_from_hidden",
+    "param_axes",
+    "param_shapes",
+    "save_pretrained",
+    "unembed_matrix",
+]
