@@ -1,0 +1,52 @@
+"""The embedded default: a small run that finishes on a laptop CPU in about a minute.
+
+Until the IRPO pipeline lands, the main job is sampling: it loads an HF model directory
+(or, with model.path empty, builds a tiny random Llama and saves it as one under the
+workdir, so the HF round trip is exercised too), samples completions for the prompts and
+writes them to <workdir>/samples.jsonl.
+
+  python -m rpo.main                                   # this file, all defaults
+  python -m rpo.main --config=configs/default.py:model=/path/to/hf_dir \
+      --config.sample.temperature=0.8 --config.sample.n=4 --workdir=runs/try
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """arg: optional "model=<HF directory>" to sample from a real checkpoint."""
+    args = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+
+    c = ml_collections.ConfigDict()
+    c.mode = "sample"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = args.get("model", "")  # HF directory; empty: build the tiny random model below
+    c.model.dtype = "float32"  # params and compute dtype: float32 | bfloat16
+    # The tiny random model (used only when model.path is empty): a Llama-3-style decoder.
+    c.model.tiny = ml_collections.ConfigDict(
+        dict(
+            model_type="llama",
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=344,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            eos_token_ids=(2,),
+        )
+    )
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.sample = ml_collections.ConfigDict()
+    # Token-id prompts (a real run reads them from a task's data instead).
+    c.sample.prompts = ((1, 17, 42, 99, 7), (1, 5, 6), (1, 300, 301, 302, 303, 304, 305))
+    c.sample.n = 2
+    c.sample.max_new_tokens = 32
+    c.sample.temperature = 0.0  # 0: greedy
+    c.sample.top_p = 1.0
+    c.sample.top_k = 0
+    return c

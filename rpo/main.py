@@ -1,0 +1,102 @@
+"""Entry point: flags, config, dispatch.
+
+  python -m rpo.main [--config=configs/<experiment>.py[:arg]] [--config.<field>=<value>] [--workdir=DIR]
+
+Without --config it runs configs/default.py. The config's `mode` picks the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file (get_config).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<mode>-<time>).")
+
+
+def _log(msg: str) -> None:
+    print(f"[rpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _write_jsonl(path: str, rows) -> None:
+    """Atomically: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def _load_model(config, workdir):
+    import jax
+
+    import rpo.models as M
+    from rpo import sharding
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    path = config.model.path
+    if not path:
+        path = os.path.join(workdir, "tiny_model")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.tiny.to_dict().items()}
+            tiny = M.ModelConfig(**fields)
+            _log(f"model.path is empty: building a tiny random {tiny.model_type} ({tiny.num_params / 1e6:.2f}M params) at {path}")
+            M.save_pretrained(tiny, M.init_params(tiny, jax.random.PRNGKey(config.seed)), path)
+    _log(f"loading {path} ({config.model.dtype}) onto a {dict(mesh.shape)} mesh")
+    shardings = sharding.param_shardings(M.load_config(path), mesh)
+    model_config, params = M.load_pretrained(path, dtype=config.model.dtype, shardings=shardings)
+    return model_config, params, mesh
+
+
+def sample_job(config, workdir: str) -> str:
+    """Samples completions for config.sample.prompts; writes <workdir>/samples.jsonl."""
+    from rpo import sampling
+
+    model_config, params, mesh = _load_model(config, workdir)
+    s = config.sample
+    prompts = [list(p) for p in s.prompts]
+    _log(f"sampling {len(prompts)} prompts x {s.n}, up to {s.max_new_tokens} new tokens, temperature {s.temperature}")
+    t0 = time.time()
+    out = sampling.generate(
+        model_config, params, prompts, n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        top_p=s.top_p, top_k=s.top_k, seed=config.seed, mesh=mesh,
+    )
+    n_tokens = sum(len(c) for per_prompt in out.tokens for c in per_prompt)
+    _log(f"{n_tokens} tokens in {time.time() - t0:.1f}s (compile included)")
+    path = os.path.join(workdir, "samples.jsonl")
+    _write_jsonl(
+        path,
+        (
+            {"prompt": i, "sample": j, "prompt_ids": prompts[i], "completion_ids": toks, "logprobs": [float(x) for x in lps]}
+            for i in range(len(prompts))
+            for j, (toks, lps) in enumerate(zip(out.tokens[i], out.logprobs[i]))
+        ),
+    )
+    _log(f"wrote {path}")
+    return path
+
+
+JOBS = {"sample": sample_job}
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config.mode not in JOBS:
+        raise app.UsageError(f"--config: field mode={config.mode!r} is not one of {sorted(JOBS)}")
+    workdir = _WORKDIR.value or os.path.join("runs", f"{config.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    JOBS[config.mode](config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,30 @@
+"""The README's main job, end to end, as a user runs it (in a subprocess)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_main_default_config_writes_samples(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "rpo.main", f"--workdir={tmp_path}", "--config.sample.max_new_tokens=8",
+         "--config.sample.temperature=0.7"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert len(rows) == 3 * 2  # 3 prompts x n=2
+    for row in rows:
+        assert 1 <= len(row["completion_ids"]) <= 8
+        assert len(row["logprobs"]) == len(row["completion_ids"])
+        assert all(lp <= 0 for lp in row["logprobs"])
+    assert (tmp_path / "tiny_model" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["sample"]["temperature"] == 0.7
+
+
+def test_main_rejects_unknown_mode(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "rpo.main", f"--workdir={tmp_path}", "--config.mode=nope"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode != 0 and "field mode='nope'" in res.stderr
