@@ -98,3 +98,16 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     axes = tuple(a for a in _as_tuple(dict(rules).get("batch")) if mesh.shape[a] > 1)
     lead = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+
+
+def batch_sharding_at(mesh: Mesh, ndim: int, batch_dim: int, rules=DEFAULT_RULES) -> NamedSharding:
+    """Like batch_sharding, with the batch at dim `batch_dim` (e.g. 1 for [micro-steps, B, ...])."""
+    lead = batch_sharding(mesh, 1, rules).spec[0]
+    spec = [None] * ndim
+    spec[batch_dim] = lead
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,296 @@
+"""Losses as pure functions: sequence log-probs over response tokens, DPO (+ variants), NLL.
+
+Shape letters are those of rpo.models.decoder (B batch, T tokens, D hidden, V vocab), plus
+C for a chunk of the sequence.
+
+Sequence log-probs. A row is right-padded (see rpo.train for the batch layout):
+`tokens_BT`, `positions_BT`, `mask_BT` (True on real tokens) and `loss_mask_BT` (True where
+token t is a response token whose log-prob counts; prompt and padding are False). Token t is
+predicted by the hidden state at t - 1, so `loss_mask_BT[:, 0]` is never used.
+`sequence_logps` returns the per-row sum of log p(token) over the masked tokens and the
+number of such tokens (the response length |y|). It never materialises float32 logits
+[B, T, V]: the sequence is cut into chunks of C tokens and a `lax.scan` computes, per chunk,
+the [B, C, V] logits, their logsumexp and the target logit. A hand-written VJP keeps only
+the logsumexps and recomputes each chunk's logits in the backward pass (memory O(B * C * V)
+rather than O(B * T * V); the gradient (onehot - softmax) is formed in one elementwise pass,
+no scatter). Chunks holding no response token (all prompt, all padding) are skipped.
+
+Preference losses take float arrays [B] (one entry per pair) and return (loss, metrics),
+the loss being the mean over pairs. The `*_per_pair` forms return per-pair losses and
+metrics [B]; rpo.train weights those to mask padding pairs and to accumulate micro-batches
+exactly. Metrics (the signals of IRPO's Figures 2-4):
+  rewards/chosen   beta * (logp_w - ref_w)        rewards/rejected  beta * (logp_l - ref_l)
+  rewards/margin   chosen - rejected              rewards/accuracy  1[chosen > rejected]
+  logps/chosen     logp_w                         logps/rejected    logp_l
+  loss/dpo         the preference term            loss/nll          -logp_w / |y_w|
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rpo.models.config import ModelConfig
+from rpo.models.decoder import Params, hidden_states, unembed_matrix
+
+Metrics = dict[str, jax.Array]
+
+PREFERENCE_KINDS = ("dpo_nll", "dpo", "ipo")
+LOSS_KINDS = PREFERENCE_KINDS + ("sft",)
+
+
+# ---------------------------------------------------------------------------------------
+# Sequence log-probs
+# ---------------------------------------------------------------------------------------
+
+
+def _chunk_logits(h_BCD, w_DV):
+    return jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+
+
+def _is_target(y_BC, v):
+    return jax.lax.broadcasted_iota(jnp.int32, (1, 1, v), 2) == y_BC[..., None]
+
+
+def _chunked_fwd(h_NBCD, w_DV, y_NBC, m_NBC):
+    """Scan over chunks: per-row summed log-probs [B] and the logsumexps [N, B, C] (residual)."""
+    v = w_DV.shape[1]
+    b, c = y_NBC.shape[1:]
+
+    def chunk(h_BCD, y_BC, m_BC):
+        logits_BCV = _chunk_logits(h_BCD, w_DV)
+        lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        target_BC = jnp.sum(jnp.where(_is_target(y_BC, v), logits_BCV, 0.0), axis=-1)
+        return jnp.sum(jnp.where(m_BC, target_BC - lse_BC, 0.0), axis=-1), lse_BC
+
+    def body(acc_B, xs):
+        h_BCD, y_BC, m_BC = xs
+        # Chunks without a loss token (all prompt or all padding) skip the vocabulary projection.
+        logp_B, lse_BC = jax.lax.cond(
+            jnp.any(m_BC), chunk, lambda *_: (jnp.zeros((b,), jnp.float32), jnp.zeros((b, c), jnp.float32)),
+            h_BCD, y_BC, m_BC,
+        )
+        return acc_B + logp_B, lse_BC
+
+    return jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (h_NBCD, y_NBC, m_NBC))
+
+
+@jax.custom_vjp
+def _chunked_logps(h_NBCD, w_DV, y_NBC, m_NBC):
+    return _chunked_fwd(h_NBCD, w_DV, y_NBC, m_NBC)[0]
+
+
+def _chunked_logps_fwd(h_NBCD, w_DV, y_NBC, m_NBC):
+    logp_B, lse_NBC = _chunked_fwd(h_NBCD, w_DV, y_NBC, m_NBC)
+    return logp_B, (h_NBCD, w_DV, y_NBC, m_NBC, lse_NBC)
+
+
+def _chunked_logps_bwd(res, g_B):
+    """d logp_b / d logits[b, t] = m[b, t] * (onehot(y[b, t]) - softmax(logits[b, t])): the
+    logits of a chunk are recomputed (one matmul), never stored across chunks."""
+    h_NBCD, w_DV, y_NBC, m_NBC, lse_NBC = res
+    v = w_DV.shape[1]
+
+    def chunk(dw_DV, h_BCD, y_BC, m_BC, lse_BC):
+        logits_BCV = _chunk_logits(h_BCD, w_DV)
+        p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+        scale_BC = jnp.where(m_BC, g_B[:, None], 0.0)
+        d_BCV = ((_is_target(y_BC, v).astype(jnp.float32) - p_BCV) * scale_BC[..., None]).astype(h_BCD.dtype)
+        dh_BCD = jnp.einsum("bcv,dv->bcd", d_BCV, w_DV, preferred_element_type=jnp.float32).astype(h_BCD.dtype)
+        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, d_BCV, preferred_element_type=jnp.float32)
+        return dw_DV, dh_BCD
+
+    def body(dw_DV, xs):
+        h_BCD, y_BC, m_BC, lse_BC = xs
+        return jax.lax.cond(
+            jnp.any(m_BC), chunk, lambda dw, h, *_: (dw, jnp.zeros_like(h)), dw_DV, h_BCD, y_BC, m_BC, lse_BC
+        )
+
+    dw_DV, dh_NBCD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), (h_NBCD, y_NBC, m_NBC, lse_NBC))
+    return dh_NBCD, dw_DV.astype(w_DV.dtype), None, None
+
+
+_chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
+
+
+def logps_from_hidden(
+    hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *, chunk_size: int
+) -> jax.Array:
+    """sum_t weights[b, t] * log softmax(hidden[b, t] @ w)[targets[b, t]] -> [B] float32.
+
+    `weights_BT` is a bool mask. The sequence is processed `chunk_size` tokens at a time
+    (T is padded up to a multiple of it) by a scan with a hand-written VJP: the forward keeps
+    only the logsumexps [B, T]; the backward recomputes each chunk's logits. The sequence is
+    first rotated to start at the first masked position of the batch, and chunks with no
+    masked token (prompt-only or padding-only) skip the vocabulary projection entirely.
+    """
+    b, t, d = hidden_BTD.shape
+    # Rotate the sequence so that the first position holding a loss token in any row comes
+    # first: leading prompt-only chunks then fall at the end, padding-only, and are skipped.
+    weights_BT = weights_BT.astype(bool)
+    first = jnp.argmax(jnp.any(weights_BT, axis=0))
+    hidden_BTD, targets_BT, weights_BT = (jnp.roll(x, -first, axis=1) for x in (hidden_BTD, targets_BT, weights_BT))
+    c = max(1, min(int(chunk_size), t))
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:
+        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
+    # [N, B, C, ...]: scan over the N chunks.
+    h_NBCD = hidden_BTD.reshape(b, n, c, d).transpose(1, 0, 2, 3)
+    y_NBC = targets_BT.astype(jnp.int32).reshape(b, n, c).transpose(1, 0, 2)
+    m_NBC = weights_BT.astype(bool).reshape(b, n, c).transpose(1, 0, 2)
+    return _chunked_logps(h_NBCD, w_DV, y_NBC, m_NBC)
+
+
+def sequence_logps(
+    config: ModelConfig,
+    params: Params,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array,
+    mask_BT: jax.Array,
+    loss_mask_BT: jax.Array,
+    *,
+    chunk_size: int,
+    remat: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-row summed log-probs of the loss-masked tokens and their count: ([B], [B]) float32.
+
+    Computed in the config's compute dtype (hidden states, unembedding matmul inputs) with
+    float32 accumulation of logits, logsumexp and sums.
+    """
+    hidden_BTD, _ = hidden_states(
+        config, params, tokens_BT, positions_BT=positions_BT, mask_BT=mask_BT, remat=remat
+    )
+    w_DV = unembed_matrix(config, params).astype(hidden_BTD.dtype)
+    weights_BT = loss_mask_BT[:, 1:]
+    logp_B = logps_from_hidden(hidden_BTD[:, :-1], w_DV, tokens_BT[:, 1:], weights_BT, chunk_size=chunk_size)
+    return logp_B, jnp.sum(weights_BT, axis=-1).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Preference losses
+# ---------------------------------------------------------------------------------------
+
+
+def _pair_metrics(chosen_ratio_B, rejected_ratio_B, policy_chosen_B, policy_rejected_B, beta) -> Metrics:
+    chosen_B = beta * chosen_ratio_B
+    rejected_B = beta * rejected_ratio_B
+    return {
+        "rewards/chosen": chosen_B,
+        "rewards/rejected": rejected_B,
+        "rewards/margin": chosen_B - rejected_B,
+        "rewards/accuracy": (chosen_B > rejected_B).astype(jnp.float32),
+        "logps/chosen": policy_chosen_B,
+        "logps/rejected": policy_rejected_B,
+    }
+
+
+def dpo_nll_per_pair(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths,
+    *,
+    beta: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """Per-pair IRPO Eq. 1 (with optional conservative-DPO label smoothing eps):
+    -(1-eps) log s(beta h) - eps log s(-beta h) - alpha * logp_w / |y_w|,
+    h = (logp_w - ref_w) - (logp_l - ref_l). alpha = 0 is plain (smoothed) DPO."""
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    z = beta * (chosen_ratio - rejected_ratio)
+    dpo_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+    nll_B = -policy_chosen_logps / jnp.maximum(chosen_lengths, 1.0)
+    metrics = _pair_metrics(chosen_ratio, rejected_ratio, policy_chosen_logps, policy_rejected_logps, beta)
+    metrics["loss/dpo"] = dpo_B
+    metrics["loss/nll"] = nll_B
+    return dpo_B + alpha * nll_B, metrics
+
+
+def ipo_per_pair(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, *, beta: float
+) -> tuple[jax.Array, Metrics]:
+    """Per-pair IPO (Azar et al. 2023, Eq. 17): (h - 1/(2 beta))^2 with h the difference of
+    log-ratios of summed sequence log-probs (TRL instead averages log-probs per token)."""
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    loss_B = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+    metrics = _pair_metrics(chosen_ratio, rejected_ratio, policy_chosen_logps, policy_rejected_logps, beta)
+    metrics["loss/dpo"] = loss_B
+    metrics["loss/nll"] = -policy_chosen_logps / jnp.maximum(chosen_lengths, 1.0)
+    return loss_B, metrics
+
+
+def preference_per_pair(
+    kind: str,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths,
+    *,
+    beta: float,
+    alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """Dispatch on `kind` in PREFERENCE_KINDS ('dpo' ignores alpha: it is 'dpo_nll' with alpha 0)."""
+    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths)
+    if kind == "dpo_nll":
+        return dpo_nll_per_pair(*args, beta=beta, alpha=alpha, label_smoothing=label_smoothing)
+    if kind == "dpo":
+        return dpo_nll_per_pair(*args, beta=beta, alpha=0.0, label_smoothing=label_smoothing)
+    if kind == "ipo":
+        return ipo_per_pair(*args, beta=beta)
+    raise ValueError(f"loss kind {kind!r} is not a preference loss (one of {PREFERENCE_KINDS})")
+
+
+def dpo_nll(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths,
+    *,
+    beta: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """IRPO Eq. 1, mean over pairs: -log s(beta*[(logp_w - ref_w) - (logp_l - ref_l)]) - alpha*logp_w/|y_w|.
+
+    All inputs are float arrays [B] (summed response log-probs and the winner's response
+    length). Returns (loss, metrics) with each metric the mean over pairs.
+    """
+    loss_B, metrics = dpo_nll_per_pair(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+        beta=beta, alpha=alpha, label_smoothing=label_smoothing,
+    )
+    return jnp.mean(loss_B), {k: jnp.mean(v) for k, v in metrics.items()}
+
+
+def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+        label_smoothing: float = 0.0) -> tuple[jax.Array, Metrics]:
+    """Sigmoid DPO (label smoothing eps gives conservative DPO), mean over pairs."""
+    ones = jnp.ones_like(policy_chosen_logps)
+    return dpo_nll(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, ones,
+                   beta=beta, alpha=0.0, label_smoothing=label_smoothing)
+
+
+def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float
+        ) -> tuple[jax.Array, Metrics]:
+    """IPO, mean over pairs."""
+    ones = jnp.ones_like(policy_chosen_logps)
+    loss_B, metrics = ipo_per_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps, ones, beta=beta)
+    return jnp.mean(loss_B), {k: jnp.mean(v) for k, v in metrics.items()}
+
+
+def sft_nll(logps, lengths) -> tuple[jax.Array, Metrics]:
+    """SFT NLL: mean over response tokens of -log p, i.e. -sum(logps) / sum(lengths)."""
+    tokens = jnp.sum(lengths)
+    loss = -jnp.sum(logps) / jnp.maximum(tokens, 1.0)
+    return loss, {"loss/nll": loss, "tokens": tokens}
