@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
@@ -82,16 +82,24 @@ def sample_job(config, workdir: str) -> str:
     return path
 
 
-JOBS = {"sample": sample_job}
+def train_job(config, workdir: str) -> None:
+    """One training phase (DPO + NLL, IPO, DPO or SFT) from a pairs / SFT file: rpo.train.run."""
+    from rpo import train
+
+    train.run(config, workdir)
+
+
+JOBS = {"sample": sample_job, "train": train_job}
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax / XLA chatter; rpo reports its own progress
     config = _CONFIG.value
     if config.mode not in JOBS:
         raise app.UsageError(f"--config: field mode={config.mode!r} is not one of {sorted(JOBS)}")
-    workdir = _WORKDIR.value or os.path.join("runs", f"{config.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    workdir = _WORKDIR.value or config.get("workdir") or os.path.join("runs", f"{config.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))

@@ -28,3 +28,15 @@ def test_main_rejects_unknown_mode(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert res.returncode != 0 and "field mode='nope'" in res.stderr
+
+
+def test_main_runs_a_training_phase(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "rpo.main", f"--config=configs/train_tiny.py:make_data,steps=3,workdir={tmp_path}",
+         "--config.eval_every=3", "--config.checkpoint_every=3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in steps if r.get("split", "train") == "train"][-1] == 3
+    assert (tmp_path / "final" / "config.json").exists()
