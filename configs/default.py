@@ -1,9 +1,8 @@
 """The embedded default: a small run that finishes on a laptop CPU in about a minute.
 
 Until the IRPO pipeline lands, the main job is sampling: it loads an HF model directory
-(or, with model.path empty, builds a tiny random Llama and saves it as one under the
-workdir, so the HF round trip is exercised too), samples completions for the prompts and
-writes them to <workdir>/samples.jsonl.
+(or, with model.path empty, builds a tiny random Llama), samples completions for the
+prompts and writes them to <workdir>/samples.jsonl.
 
   python -m rpo.main                                   # this file, all defaults
   python -m rpo.main --config=configs/default.py:model=/path/to/hf_dir \
@@ -24,8 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = args.get("model", "")  # HF directory; empty: build the tiny random model below
     c.model.dtype = "float32"  # params and compute dtype: float32 | bfloat16
-    # The tiny random model (used only when model.path is empty): a Llama-3-style decoder.
-    c.model.tiny = ml_collections.ConfigDict(
+    c.model.seed = 0
+    # The random model used when model.path is empty (ModelConfig fields): a tiny Llama.
+    c.model.random = ml_collections.ConfigDict(
         dict(
             model_type="llama",
             vocab_size=512,

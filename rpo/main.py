@@ -33,24 +33,17 @@ def _write_jsonl(path: str, rows) -> None:
     os.replace(tmp, path)
 
 
-def _load_model(config, workdir):
-    import jax
-
-    import rpo.models as M
+def _load_model(config):
     from rpo import sharding
+    from rpo.models.hf import load_model
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    path = config.model.path
-    if not path:
-        path = os.path.join(workdir, "tiny_model")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.tiny.to_dict().items()}
-            tiny = M.ModelConfig(**fields)
-            _log(f"model.path is empty: building a tiny random {tiny.model_type} ({tiny.num_params / 1e6:.2f}M params) at {path}")
-            M.save_pretrained(tiny, M.init_params(tiny, jax.random.PRNGKey(config.seed)), path)
-    _log(f"loading {path} ({config.model.dtype}) onto a {dict(mesh.shape)} mesh")
-    shardings = sharding.param_shardings(M.load_config(path), mesh)
-    model_config, params = M.load_pretrained(path, dtype=config.model.dtype, shardings=shardings)
+    what = config.model.path or f"a random {config.model.random.model_type} (model.path is empty)"
+    _log(f"loading {what} ({config.model.dtype}) onto a {dict(mesh.shape)} mesh")
+    model_config, params = load_model(
+        config.model, param_dtype=config.model.dtype, shardings_for=lambda c: sharding.param_shardings(c, mesh)
+    )
+    _log(f"{model_config.model_type}: {model_config.num_params / 1e6:.2f}M params")
     return model_config, params, mesh
 
 
@@ -58,7 +51,7 @@ def sample_job(config, workdir: str) -> str:
     """Samples completions for config.sample.prompts; writes <workdir>/samples.jsonl."""
     from rpo import sampling
 
-    model_config, params, mesh = _load_model(config, workdir)
+    model_config, params, mesh = _load_model(config)
     s = config.sample
     prompts = [list(p) for p in s.prompts]
     _log(f"sampling {len(prompts)} prompts x {s.n}, up to {s.max_new_tokens} new tokens, temperature {s.temperature}")

@@ -73,7 +73,7 @@ from rpo import sharding as sharding_lib
 from rpo.models import decoder
 from rpo.models.config import ModelConfig
 
-_NEG = -1e30
+NEG_INF = decoder.NEG_INF  # the decoder's finite "minus infinity" for masked scores
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,14 +344,14 @@ def _draw(scores_BV, u_B):
     uniform u in [0, 1) per row. Two levels (blocks of _BLOCK, then within the block) so
     that no full-width cumsum is needed: the cost is one exp pass and one block reduction.
 
-    Returns (token [B] int32, logsumexp [B]). Entries at _NEG have probability 0 and are
+    Returns (token [B] int32, logsumexp [B]). Entries at NEG_INF have probability 0 and are
     never drawn.
     """
     b, v = scores_BV.shape
     blk = min(_BLOCK, v)
     nb = -(-v // blk)
     if nb * blk != v:
-        scores_BV = jnp.pad(scores_BV, ((0, 0), (0, nb * blk - v)), constant_values=_NEG)
+        scores_BV = jnp.pad(scores_BV, ((0, 0), (0, nb * blk - v)), constant_values=NEG_INF)
     m_B = jnp.max(scores_BV, axis=-1)
     x_BNK = scores_BV.reshape(b, nb, blk)
     p_BNK = jnp.exp(x_BNK - m_B[:, None, None])
@@ -438,7 +438,7 @@ def choose(spec: _Spec, logits_BV, u_B, temperature, top_p, live_B=None):
         covered = jnp.ones((), bool)
         if spec.use_top_p:
             thresh, cov_B = _nucleus_threshold(vals_BC, lse_B, top_p)
-            vals_BC = jnp.where(vals_BC >= thresh[:, None], vals_BC, _NEG)
+            vals_BC = jnp.where(vals_BC >= thresh[:, None], vals_BC, NEG_INF)
             covered = jnp.all(cov_B if live_B is None else cov_B | ~live_B)
 
         def among_candidates(_):
@@ -450,7 +450,7 @@ def choose(spec: _Spec, logits_BV, u_B, temperature, top_p, live_B=None):
 
         def full_vocab(_):
             t_key = _nucleus_threshold_bisect(scaled_BV, lse_B, top_p)
-            masked = jnp.where(_float_key(scaled_BV) >= t_key[:, None], scaled_BV, _NEG)
+            masked = jnp.where(_float_key(scaled_BV) >= t_key[:, None], scaled_BV, NEG_INF)
             tok, lse = _draw(masked, u_B)
             return tok, _gather(masked, tok) - lse
 
@@ -519,7 +519,7 @@ def decode_step(config: ModelConfig, params, layers, w_DV, tok_B, pos_B, cache):
     pos_B1 = pos_B[:, None]
     ks, vs = [], []
     for l, p in enumerate(layers):
-        x_BD = decoder._rms_norm(h_BD, p["attn_norm"], eps)
+        x_BD = decoder.rms_norm(h_BD, p["attn_norm"], eps)
         qkv = x_BD @ p["qkv"]  # one matmul for q, k, v (weights fused outside the loop)
         if config.qkv_bias:
             qkv = qkv + p["qkv_bias"]
@@ -527,10 +527,10 @@ def decode_step(config: ModelConfig, params, layers, w_DV, tok_B, pos_B, cache):
         k_BKE = qkv[:, kv * g * e : (kv * g + kv) * e].reshape(b, kv, e)
         v_BKE = qkv[:, (kv * g + kv) * e :].reshape(b, kv, e)
         if config.qk_norm:
-            q_BHE = decoder._rms_norm(q_BHE, p["q_norm"], eps)
-            k_BKE = decoder._rms_norm(k_BKE, p["k_norm"], eps)
-        q_BHE = decoder._rope(q_BHE[:, None], pos_B1, inv_freq)[:, 0]
-        k_BKE = decoder._rope(k_BKE[:, None], pos_B1, inv_freq)[:, 0]
+            q_BHE = decoder.rms_norm(q_BHE, p["q_norm"], eps)
+            k_BKE = decoder.rms_norm(k_BKE, p["k_norm"], eps)
+        q_BHE = decoder.rope(q_BHE[:, None], pos_B1, inv_freq)[:, 0]
+        k_BKE = decoder.rope(k_BKE[:, None], pos_B1, inv_freq)[:, 0]
         # Write first, then read the updated buffer: the old buffer's only use is the write,
         # so XLA updates it in place (reading the old buffer after the update would force a
         # copy of the whole buffer every step).
@@ -544,9 +544,9 @@ def decode_step(config: ModelConfig, params, layers, w_DV, tok_B, pos_B, cache):
         # Scores over the shared prompt part (read once per prompt) and the generated part,
         # then one softmax over both.
         s_RKXP = jnp.einsum("rkxe,rkpe->rkxp", to_r(q_BKGE), pk_RKPE, preferred_element_type=jnp.float32) * (e**-0.5)
-        s_RKXP = jnp.where(prompt_RP[:, None, None, :], s_RKXP, _NEG)
+        s_RKXP = jnp.where(prompt_RP[:, None, None, :], s_RKXP, NEG_INF)
         s_BKGM = jnp.einsum("bkge,bkme->bkgm", q_BKGE, k_BKME, preferred_element_type=jnp.float32) * (e**-0.5)
-        s_BKGM = jnp.where(live_M, s_BKGM, _NEG)
+        s_BKGM = jnp.where(live_M, s_BKGM, NEG_INF)
         mx_BKG = jnp.maximum(to_b(jnp.max(s_RKXP, axis=-1)), jnp.max(s_BKGM, axis=-1))
         e_RKXP = jnp.exp(s_RKXP - to_r(mx_BKG)[..., None])
         e_BKGM = jnp.exp(s_BKGM - mx_BKG[..., None])
@@ -558,12 +558,12 @@ def decode_step(config: ModelConfig, params, layers, w_DV, tok_B, pos_B, cache):
         if config.o_bias:
             out_BD = out_BD + p["o_bias"]
         h_BD = h_BD + out_BD
-        x_BD = decoder._rms_norm(h_BD, p["mlp_norm"], eps)
+        x_BD = decoder.rms_norm(h_BD, p["mlp_norm"], eps)
         gate_up = x_BD @ p["gate_up"]
         f = gate_up.shape[-1] // 2
         gated_BF = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
         h_BD = h_BD + gated_BF @ p["down"]
-    h_BD = decoder._rms_norm(h_BD, params["final_norm"], eps)
+    h_BD = decoder.rms_norm(h_BD, params["final_norm"], eps)
     logits_BV = jnp.einsum("bd,dv->bv", h_BD, w_DV, preferred_element_type=jnp.float32)
     return logits_BV, dict(cache, k=ks, v=vs, index=index + 1)
 

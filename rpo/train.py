@@ -61,7 +61,8 @@ import optax
 from rpo import checkpoint as ckpt
 from rpo import losses, sharding
 from rpo.models.config import ModelConfig
-from rpo.models.decoder import Params, init_params, param_shapes
+from rpo.models.decoder import Params, param_shapes
+from rpo.models.hf import load_model
 
 Batch = dict[str, Any]
 State = dict[str, Any]
@@ -413,17 +414,6 @@ def _check_config(cfg) -> None:
         bad("grad_accum", f"{cfg.grad_accum} does not divide batch_size={cfg.batch_size}")
 
 
-def _load_model(cfg) -> tuple[ModelConfig, Params]:
-    if cfg.model.path:
-        from rpo.models.hf import load_pretrained
-
-        model_config, params = load_pretrained(cfg.model.path, dtype="float32")
-    else:
-        model_config = ModelConfig(**dict(cfg.model.random))
-        params = init_params(model_config, jax.random.PRNGKey(cfg.model.seed))
-    return model_config.replace(dtype=cfg.model.dtype), params
-
-
 class _Log:
     """Metrics to a JSONL file (appended, flushed per line) and a short line on stderr."""
 
@@ -454,7 +444,7 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
     """
     _check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
-    model_config, params = _load_model(cfg)
+    model_config, params = load_model(cfg.model)
     rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in cfg.sharding_rules)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -38,7 +38,7 @@ from rpo.models.config import ModelConfig
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
 
-_NEG = -1e30  # finite "minus infinity": a fully masked row gives a uniform softmax, not NaN
+NEG_INF = -1e30  # finite "minus infinity": a fully masked row gives a uniform softmax, not NaN
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def _rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotary embedding in the rotate-half layout HF uses (no weight permutation needed)."""
     angles_BTe = positions_BT.astype(jnp.float32)[..., None] * inv_freq
     angles_BTE = jnp.concatenate([angles_BTe, angles_BTe], axis=-1)
@@ -142,7 +142,7 @@ def _rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> j
     return x_BTNE * cos + rotated * sin
 
 
-def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """HF RMSNorm: normalise in float32, cast back, then scale."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -155,7 +155,7 @@ def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
     q_BTKGE = q_BTHE.reshape(b, t, kv, h // kv, e)
     scores = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32)
     scores = scores * (e**-0.5)
-    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
+    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKE.dtype)
     out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs, v_BSKE)
     return out_BTKGE.reshape(b, t, h, e)
@@ -165,17 +165,17 @@ def _layer(config: ModelConfig, inv_freq, h_BTD, p, positions_BT, mask_BTS, k_ca
     """One decoder block. With a cache (k_cache not None) new keys/values are written at
     slots index..index+T-1 and attention runs over the whole cache."""
     eps = config.rms_norm_eps
-    x = _rms_norm(h_BTD, p["attn_norm"], eps)
+    x = rms_norm(h_BTD, p["attn_norm"], eps)
     q = jnp.einsum("btd,dhe->bthe", x, p["q"])
     k = jnp.einsum("btd,dke->btke", x, p["k"])
     v = jnp.einsum("btd,dke->btke", x, p["v"])
     if config.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if config.qk_norm:
-        q = _rms_norm(q, p["q_norm"], eps)
-        k = _rms_norm(k, p["k_norm"], eps)
-    q = _rope(q, positions_BT, inv_freq)
-    k = _rope(k, positions_BT, inv_freq)
+        q = rms_norm(q, p["q_norm"], eps)
+        k = rms_norm(k, p["k_norm"], eps)
+    q = rope(q, positions_BT, inv_freq)
+    k = rope(k, positions_BT, inv_freq)
     if k_cache is not None:
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
@@ -185,7 +185,7 @@ def _layer(config: ModelConfig, inv_freq, h_BTD, p, positions_BT, mask_BTS, k_ca
     if config.o_bias:
         out = out + p["o_bias"]
     h_BTD = h_BTD + out
-    x = _rms_norm(h_BTD, p["mlp_norm"], eps)
+    x = rms_norm(h_BTD, p["mlp_norm"], eps)
     gated = jax.nn.silu(jnp.einsum("btd,df->btf", x, p["gate"])) * jnp.einsum("btd,df->btf", x, p["up"])
     h_BTD = h_BTD + jnp.einsum("btf,fd->btd", gated, p["down"])
     return h_BTD, k_cache, v_cache
@@ -262,7 +262,7 @@ def hidden_states(
     else:
         h, (k_all, v_all) = jax.lax.scan(body, h, (params["layers"], cache["k"], cache["v"]))
         new_cache = {"k": k_all, "v": v_all, "mask": kv_mask_BS, "index": index + t}
-    return _rms_norm(h, params["final_norm"], config.rms_norm_eps), new_cache
+    return rms_norm(h, params["final_norm"], config.rms_norm_eps), new_cache
 
 
 def unembed_matrix(config: ModelConfig, params: Params) -> jax.Array:

@@ -240,3 +240,28 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: could not load a tokenizer ({e})") from None
+
+
+def load_model(model_cfg, *, param_dtype: str = "float32", shardings_for: Callable | None = None):
+    """(ModelConfig, params) for an experiment config's `model` section:
+      model.path    an HF model directory, or '' for a random model shaped by model.random
+                    (ModelConfig fields) and drawn with model.seed;
+      model.dtype   the compute dtype.
+    Params are `param_dtype`. shardings_for(config) -> tree of shardings, when given, places
+    each param straight into its sharding (streamed, for an HF directory)."""
+    from rpo.models.decoder import init_params
+
+    if model_cfg.path:
+        config = config_lib.load_config(model_cfg.path)
+        shardings = None if shardings_for is None else shardings_for(config)
+        config, params = load_pretrained(model_cfg.path, dtype=param_dtype, shardings=shardings)
+    else:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model_cfg.random).items()}
+        try:
+            config = ModelConfig(**fields)
+        except TypeError as e:
+            raise config_lib.UnsupportedConfigError(f"config field model.random: {e}") from None
+        params = init_params(config, jax.random.PRNGKey(model_cfg.seed), dtype=jnp.dtype(param_dtype))
+        if shardings_for is not None:
+            params = jax.device_put(params, shardings_for(config))
+    return config.replace(dtype=model_cfg.dtype), params
