@@ -14,7 +14,8 @@ setup() {
   fi
   .venv/bin/python -m pip install -q --disable-pip-version-check -r "$1" 2>&1 | grep -v "^WARNING: Location" || true
   # pip's own exit status is lost in the pipe above: check the install really happened.
-  .venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, transformers, ml_collections" \
+  .venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+      ('jax', 'flax', 'optax', 'orbax.checkpoint', 'transformers', 'ml_collections', 'tensorflow_datasets')))" \
     || { echo "launch.sh: dependencies failed to install from $1" >&2; exit 1; }
 }
 

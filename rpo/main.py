@@ -7,7 +7,6 @@ Without --config it runs configs/default.py. The config's `mode` picks the job.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,15 +21,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 
 def _log(msg: str) -> None:
     print(f"[rpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _write_jsonl(path: str, rows) -> None:
-    """Atomically: a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def _load_model(config):
@@ -49,7 +39,7 @@ def _load_model(config):
 
 def sample_job(config, workdir: str) -> str:
     """Samples completions for config.sample.prompts; writes <workdir>/samples.jsonl."""
-    from rpo import sampling
+    from rpo import jsonl, sampling
 
     model_config, params, mesh = _load_model(config)
     s = config.sample
@@ -63,7 +53,7 @@ def sample_job(config, workdir: str) -> str:
     n_tokens = sum(len(c) for per_prompt in out.tokens for c in per_prompt)
     _log(f"{n_tokens} tokens in {time.time() - t0:.1f}s (compile included)")
     path = os.path.join(workdir, "samples.jsonl")
-    _write_jsonl(
+    jsonl.write_atomic(
         path,
         (
             {"prompt": i, "sample": j, "prompt_ids": prompts[i], "completion_ids": toks, "logprobs": [float(x) for x in lps]}

@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 from rpo import checkpoint as ckpt
-from rpo import losses, sharding
+from rpo import jsonl, losses, sharding
 from rpo.models.config import ModelConfig
 from rpo.models.decoder import Params, param_shapes
 from rpo.models.hf import load_model
@@ -129,16 +129,6 @@ def read_rows(path: str, kind: str, *, vocab_size: int | None = None) -> list[di
         raise DataError(f"{path}: no rows")
     return rows
 
-
-def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
-    """Writes rows to `path` via a temporary file and a rename (readers never see half a file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _pack(prompt, response, seq_len, pad_id, truncate, where):
@@ -387,7 +377,7 @@ def add_reference_logps(
         logp_BP, _ = jax.device_get(fn(params, batch))
         for row, (c, r) in zip(chunk, logp_BP[: len(chunk)]):
             row[_REF[0]], row[_REF[1]] = float(c), float(r)
-    write_jsonl_atomic(out_path, rows)
+    jsonl.write_atomic(out_path, ({k: v for k, v in row.items() if not k.startswith("_")} for row in rows))
     return rows
 
 
