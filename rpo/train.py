@@ -434,9 +434,10 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
     """
     _check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
-    model_config, params = load_model(cfg.model)
     rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in cfg.sharding_rules)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    # Streamed straight into the training shardings: the host never holds the whole model.
+    model_config, params = load_model(cfg.model, shardings_for=lambda c: sharding.param_shardings(c, mesh, rules))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if (cfg.batch_size // cfg.grad_accum) % shards:
         raise ValueError(
