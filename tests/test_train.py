@@ -223,6 +223,19 @@ def _sharded_check() -> dict:
 
     ref_params, ref_loss, _ = run(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     result = {"devices": len(jax.devices())}
+
+    # The driver on a 2x2x2 mesh, from an HF directory: params stream into their shardings.
+    import pathlib
+    import tempfile
+
+    from rpo.models import save_pretrained
+
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    save_pretrained(mc, params, str(tmp / "hf"))
+    dcfg = _driver_config(tmp, "driver", **{"model.path": str(tmp / "hf"), "mesh.data": 2, "mesh.fsdp": 2,
+                                            "mesh.tensor": 2, "num_steps": 2, "batch_size": 8})
+    final = T.run(dcfg, dcfg.workdir)
+    result["driver_q_spec"] = str(final["layers"]["q"].sharding.spec)
     for shape in MESHES:
         p, loss, spec = run(sharding.make_mesh(*shape))
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref_params)))
@@ -248,7 +261,8 @@ def test_sharded_step_equals_one_device_step():
         assert r["param_diff"] < 1e-5 and r["param_diff"] < 0.01 * r["param_moved"], (shape, r)
         # loss, gradient norm and margin of both steps
         np.testing.assert_allclose(r["loss"], r["ref_loss"], rtol=2e-5, atol=1e-6, err_msg=str(shape))
-    assert result["2x2x2"]["q_spec"] != "PartitionSpec()"  # really sharded
+    assert result["2x2x2"]["q_spec"] == "P(None, 'fsdp', 'tensor', None)"  # really sharded (str of a PartitionSpec)
+    assert result["driver_q_spec"] == "P(None, 'fsdp', 'tensor', None)"
 
 
 # ---------------------------------------------------------------------------------------
