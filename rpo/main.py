@@ -14,6 +14,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rpo import files
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<mode>-<time>).")
@@ -39,7 +41,7 @@ def _load_model(config):
 
 def sample_job(config, workdir: str) -> str:
     """Samples completions for config.sample.prompts; writes <workdir>/samples.jsonl."""
-    from rpo import jsonl, sampling
+    from rpo import sampling
 
     model_config, params, mesh = _load_model(config)
     s = config.sample
@@ -53,7 +55,7 @@ def sample_job(config, workdir: str) -> str:
     n_tokens = sum(len(c) for per_prompt in out.tokens for c in per_prompt)
     _log(f"{n_tokens} tokens in {time.time() - t0:.1f}s (compile included)")
     path = os.path.join(workdir, "samples.jsonl")
-    jsonl.write_atomic(
+    files.write_jsonl(
         path,
         (
             {"prompt": i, "sample": j, "prompt_ids": prompts[i], "completion_ids": toks, "logprobs": [float(x) for x in lps]}
@@ -84,7 +86,7 @@ def main(argv) -> None:
         raise app.UsageError(f"--config: field mode={config.mode!r} is not one of {sorted(JOBS)}")
     workdir = _WORKDIR.value or config.get("workdir") or os.path.join("runs", f"{config.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with files.atomic_write(os.path.join(workdir, "config.json")) as f:
         f.write(config.to_json_best_effort(indent=2))
     JOBS[config.mode](config, workdir)
 

@@ -41,7 +41,7 @@ Config fields read here (see configs/train_tiny.py for every default):
   sharding_rules, eval_every, eval_batches, log_every, checkpoint_every, keep_checkpoints
 Outputs under workdir: metrics.jsonl (one JSON object per logged step: split train/eval),
 checkpoints/ (orbax, resumed from the latest on restart), final/ (HF safetensors model),
-and pairs_with_ref.jsonl when reference log-probs had to be computed.
+and {train,eval}_pairs_with_ref.jsonl when reference log-probs had to be computed.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, Callable
@@ -59,7 +60,7 @@ import numpy as np
 import optax
 
 from rpo import checkpoint as ckpt
-from rpo import jsonl, losses, sharding
+from rpo import files, losses, sharding
 from rpo.models.config import ModelConfig
 from rpo.models.decoder import Params, param_shapes
 from rpo.models.hf import load_model
@@ -84,11 +85,12 @@ _FIELDS = {"pairs": ("prompt_ids", "chosen_ids", "rejected_ids"), "sft": ("promp
 _REF = ("ref_chosen_logp", "ref_rejected_logp")
 
 
-def _check_ids(value, field, where, vocab_size, allow_empty):
+def _check_ids(value, field, where, vocab_size):
     if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
         raise DataError(f"{where}: field {field!r} must be a list of ints")
-    if not value and not allow_empty:
-        raise DataError(f"{where}: field {field!r} is empty")
+    if not value:
+        why = " (the first response token would have no position predicting it; start the prompt with BOS)"
+        raise DataError(f"{where}: field {field!r} is empty" + (why if field == "prompt_ids" else ""))
     if vocab_size is not None and value and (min(value) < 0 or max(value) >= vocab_size):
         raise DataError(f"{where}: field {field!r} holds an id outside [0, {vocab_size})")
 
@@ -114,7 +116,7 @@ def read_rows(path: str, kind: str, *, vocab_size: int | None = None) -> list[di
             for field in _FIELDS[kind]:
                 if field not in row:
                     raise DataError(f"{where}: required field {field!r} is missing")
-                _check_ids(row[field], field, where, vocab_size, allow_empty=field == "prompt_ids")
+                _check_ids(row[field], field, where, vocab_size)
             if kind == "pairs":
                 have = [k in row for k in _REF]
                 if any(have) and not all(have):
@@ -377,7 +379,7 @@ def add_reference_logps(
         logp_BP, _ = jax.device_get(fn(params, batch))
         for row, (c, r) in zip(chunk, logp_BP[: len(chunk)]):
             row[_REF[0]], row[_REF[1]] = float(c), float(r)
-    jsonl.write_atomic(out_path, ({k: v for k, v in row.items() if not k.startswith("_")} for row in rows))
+    files.write_jsonl(out_path, ({k: v for k, v in row.items() if not k.startswith("_")} for row in rows))
     return rows
 
 
@@ -394,12 +396,15 @@ def _check_config(cfg) -> None:
         bad("loss.kind", f"{cfg.loss.kind!r} is not one of {losses.LOSS_KINDS}")
     if (cfg.loss.kind == "sft") != (cfg.data.kind == "sft"):
         bad("data.kind", f"{cfg.data.kind!r} does not go with loss.kind={cfg.loss.kind!r}")
-    for field in ("batch_size", "grad_accum", "num_steps", "data.seq_len", "loss.chunk_size"):
+    for field in ("batch_size", "grad_accum", "num_steps", "data.seq_len", "loss.chunk_size", "log_every",
+                  "eval_every", "checkpoint_every", "keep_checkpoints"):
         value = cfg
         for part in field.split("."):
             value = value[part]
         if not isinstance(value, int) or value < 1:
             bad(field, f"must be a positive int, got {value!r}")
+    if cfg.loss.kind != "sft" and not cfg.loss.beta > 0:
+        bad("loss.beta", f"must be > 0, got {cfg.loss.beta!r}")
     if cfg.batch_size % cfg.grad_accum:
         bad("grad_accum", f"{cfg.grad_accum} does not divide batch_size={cfg.batch_size}")
 
@@ -517,10 +522,13 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
         log.close()
 
     final = os.path.join(workdir, "final")
-    if not os.path.isdir(final):
+    if start < cfg.num_steps or not os.path.isdir(final):  # a resumed run that trained on rewrites it
         from rpo.models.hf import save_pretrained
 
-        tmp = f"{final}.tmp{os.getpid()}"
+        tmp, old = f"{final}.tmp{os.getpid()}", f"{final}.old{os.getpid()}"
         save_pretrained(model_config, jax.device_get(state["params"]), tmp)
+        if os.path.isdir(final):
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     return state["params"]

@@ -131,6 +131,9 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     np.testing.assert_allclose(reference_logits(hf, TOKENS), reference_logits(model, TOKENS), atol=1e-5, rtol=0)
     _, params2 = M.load_pretrained(str(out))
     jax.tree.map(np.testing.assert_array_equal, params2, params)
+    # Saving again into the same directory, unsharded, leaves only the new weights.
+    M.save_pretrained(config, params, str(out))
+    assert sorted(f for f in os.listdir(out) if f.startswith("model")) == ["model.safetensors"]
 
 
 def test_load_into_a_sharding_on_8_devices(tmp_path):
@@ -238,6 +241,19 @@ def test_unsupported_model_type(llama_dir):
 def test_unsupported_config_features(llama_dir, changes, field):
     file = _edit_config(llama_dir, **changes)
     with pytest.raises(M.UnsupportedConfigError, match=f"{file}: field {__import__('re').escape(field)}"):
+        M.load_pretrained(llama_dir)
+
+
+def test_mistral_without_sliding_window_key_is_refused(llama_dir):
+    """transformers reads an absent sliding_window as its 4096-token default, not as full attention."""
+    file = os.path.join(llama_dir, "config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    cfg["model_type"] = "mistral"
+    cfg.pop("sliding_window", None)
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(M.UnsupportedConfigError, match=r"field sliding_window=4096 \(absent"):
         M.load_pretrained(llama_dir)
 
 

@@ -184,7 +184,13 @@ def test_top_k_top_p_stay_in_their_set(small_params, temperature, top_k, top_p, 
 
 def test_top_p_frequencies_match_truncated_softmax(small_params):
     logits = _ref_logits(small_params, PROMPT)
-    for candidates in (256, 2):  # fast path and the exact fallback
+    mass = np.cumsum(np.sort(_softmax(logits))[::-1])
+    nucleus = int(np.searchsorted(mass, 0.8)) + 1  # tokens top_p=0.8 keeps
+    assert nucleus >= 2
+    # With fewer candidates than the nucleus the fast path cannot hold it: the exact fallback runs.
+    fallback = nucleus - 1
+    assert mass[fallback - 1] < 0.8
+    for candidates in (256, fallback):  # fast path and the exact fallback
         samples = _first_tokens(small_params, 3000, temperature=1.0, top_p=0.8, seed=5, top_p_candidates=candidates)
         ref = np.exp(_allowed(logits, 1.0, 0, 0.8))
         assert set(samples.tolist()) <= set(np.flatnonzero(ref > 0).tolist())

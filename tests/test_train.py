@@ -80,6 +80,7 @@ def _write(path, rows):
         ('{"prompt_ids": [1], "chosen_ids": [2]}', "'rejected_ids' is missing"),
         ('{"prompt_ids": [1], "chosen_ids": [2, "x"], "rejected_ids": [3]}', "'chosen_ids' must be a list of ints"),
         ('{"prompt_ids": [1], "chosen_ids": [], "rejected_ids": [3]}', "'chosen_ids' is empty"),
+        ('{"prompt_ids": [], "chosen_ids": [2], "rejected_ids": [3]}', "'prompt_ids' is empty (the first response token"),
         ('{"prompt_ids": [1], "chosen_ids": [999], "rejected_ids": [3]}', "outside [0, 64)"),
         ('{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "ref_chosen_logp": -1.0}', "both"),
         ('{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "ref_chosen_logp": NaN, "ref_rejected_logp": 1}',
@@ -384,6 +385,18 @@ def test_resume_after_interruption_ends_with_same_params(tmp_path):
     steps = [json.loads(line)["step"] for line in open(os.path.join(cfg.workdir, "metrics.jsonl"))
              if json.loads(line)["split"] == "train"]
     assert steps == [1, 2, 3, 3, 4, 5, 6]  # step 3 was logged, lost, and redone
+
+
+def test_longer_rerun_rewrites_the_final_model(tmp_path):
+    """Rerunning a finished workdir with more steps resumes, trains on, and replaces final/."""
+    from rpo.models import load_pretrained
+
+    T.run(_driver_config(tmp_path, "grow", num_steps=2), str(tmp_path / "grow"))
+    params = T.run(_driver_config(tmp_path, "grow", num_steps=4), str(tmp_path / "grow"))
+    _, saved = load_pretrained(str(tmp_path / "grow" / "final"))
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert not [f for f in os.listdir(tmp_path / "grow") if ".tmp" in f or ".old" in f]
 
 
 if __name__ == "__main__":

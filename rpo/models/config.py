@@ -145,9 +145,12 @@ def from_hf_dict(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     # Sliding-window attention: Mistral switches it on by a non-null sliding_window, Qwen2/3
     # by use_sliding_window. We implement full attention only.
     if model_type == "mistral":
-        if hf.get("sliding_window") is not None:
+        # An absent key means transformers' MistralConfig default, a 4096-token window.
+        window = hf.get("sliding_window", 4096)
+        if window is not None:
+            shown = window if "sliding_window" in hf else "4096 (absent: the transformers default)"
             raise UnsupportedConfigError(
-                f"{where}: field sliding_window={hf['sliding_window']} asks for sliding-window "
+                f"{where}: field sliding_window={shown} asks for sliding-window "
                 "attention, which is not supported (set it to null for full attention)"
             )
     elif hf.get("use_sliding_window", False):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rpo.files import write_json
 from rpo.models import config as config_lib
 from rpo.models.config import ModelConfig
 from rpo.models.decoder import Params, param_shapes
@@ -211,9 +212,7 @@ def save_pretrained(
     meta = {"format": "pt"}
     if len(shards) == 1:
         write(os.path.join(path, SINGLE_FILE), shards[0], meta)
-        stale = os.path.join(path, INDEX_FILE)
-        if os.path.exists(stale):
-            os.remove(stale)
+        written = {SINGLE_FILE}
     else:
         weight_map = {}
         for n, shard in enumerate(shards):
@@ -221,15 +220,13 @@ def save_pretrained(
             write(os.path.join(path, fname), shard, meta)
             weight_map.update({e[0]: fname for e in shard})
         total = sum(int(np.prod(e[1])) * e[2].itemsize for e in entries)
-        _write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(os.path.join(path, "config.json"), config_lib.to_hf_dict(config, torch_dtype))
-
-
-def _write_json(file: str, obj) -> None:
-    tmp = file + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, file)
+        write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written = set(weight_map.values()) | {INDEX_FILE}
+    # Weights of an earlier save into the same directory would shadow or mix with these.
+    for name in os.listdir(path):
+        if name.startswith("model") and (name.endswith(".safetensors") or name == INDEX_FILE) and name not in written:
+            os.remove(os.path.join(path, name))
+    write_json(os.path.join(path, "config.json"), config_lib.to_hf_dict(config, torch_dtype))
 
 
 def load_tokenizer(path: str):

@@ -17,6 +17,8 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from rpo.files import atomic_write
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -83,7 +85,7 @@ def write(path: str, entries: list[tuple[str, tuple, np.dtype, Callable[[], np.n
           metadata: dict[str, str] | None = None):
     """Writes tensors to `path`, one at a time: each entry is (name, shape, dtype, make) and
     make() is called only when that tensor's bytes are written, so at most one tensor is on
-    the host at once. Written to a temporary name, then renamed (no half-written file)."""
+    the host at once. Written atomically (rpo.files.atomic_write)."""
     header: dict[str, dict] = {}
     offset = 0
     for name, shape, dtype, _ in entries:
@@ -94,8 +96,7 @@ def write(path: str, entries: list[tuple[str, tuple, np.dtype, Callable[[], np.n
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype, make in entries:
@@ -103,4 +104,3 @@ def write(path: str, entries: list[tuple[str, tuple, np.dtype, Callable[[], np.n
             if arr.shape != tuple(shape):
                 raise CheckpointError(f"{path}: tensor {name} has shape {arr.shape}, expected {tuple(shape)}")
             f.write(arr.tobytes())
-    os.replace(tmp, path)
