@@ -164,6 +164,7 @@ def generate(
     top_k = 0 if greedy or top_k >= config.vocab_size else int(top_k)
     use_top_p = (not greedy) and top_p < 1.0
     candidates = min(top_k or int(top_p_candidates), config.vocab_size)
+    stop_seqs = _encode_stops(stop, tokenizer) if stop and tokenizer is not None else np.zeros((0, 0), np.int32)
     spec = _Spec(
         greedy=greedy,
         top_k=top_k,
@@ -172,17 +173,15 @@ def generate(
         n=int(n),
         max_new=int(max_new_tokens),
         num_eos=len(eos),
-        stop_shape=(0, 0),
+        stop_shape=stop_seqs.shape,
     )
-    stop_seqs = _encode_stops(stop, tokenizer) if stop and tokenizer is not None else np.zeros((0, 0), np.int32)
-    spec = dataclasses.replace(spec, stop_shape=stop_seqs.shape)
 
     # Place params once: cast to the compute dtype (hoisted out of the loop) and shard.
     dtype = jnp.dtype(config.dtype)
     if mesh is not None:
         shardings = sharding_lib.param_shardings(config, mesh, rules)
         params = jax.tree.map(lambda w, s: jax.device_put(w.astype(dtype), s), params, shardings)
-        row_multiple = int(np.prod([mesh.shape[a] for a in _batch_axes(mesh, rules)]))
+        row_multiple = int(np.prod([mesh.shape[a] for a in sharding_lib.batch_axes(mesh, rules)]))
     else:
         params = jax.tree.map(lambda w: jnp.asarray(w, dtype), params)
         row_multiple = 1
@@ -264,11 +263,6 @@ class _Spec:
     max_new: int
     num_eos: int
     stop_shape: tuple[int, int]
-
-
-def _batch_axes(mesh: Mesh, rules) -> tuple[str, ...]:
-    spec = sharding_lib.batch_sharding(mesh, 1, rules).spec[0]
-    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
 def _pack(prompts, idx, rows: int, plen: int, pad_id):

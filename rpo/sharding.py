@@ -93,18 +93,16 @@ def param_shardings(model_config, mesh: Mesh, rules=DEFAULT_RULES):
     return tree_shardings(param_axes(model_config), param_shapes(model_config), mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
-    """Leading (batch) dim over the batch axes of the rules, the rest replicated."""
-    axes = tuple(a for a in _as_tuple(dict(rules).get("batch")) if mesh.shape[a] > 1)
-    lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+def batch_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that the rules' "batch" name maps to."""
+    return tuple(a for a in _as_tuple(dict(rules).get("batch")) if mesh.shape[a] > 1)
 
 
-def batch_sharding_at(mesh: Mesh, ndim: int, batch_dim: int, rules=DEFAULT_RULES) -> NamedSharding:
-    """Like batch_sharding, with the batch at dim `batch_dim` (e.g. 1 for [micro-steps, B, ...])."""
-    lead = batch_sharding(mesh, 1, rules).spec[0]
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES, batch_dim: int = 0) -> NamedSharding:
+    """Dim `batch_dim` (e.g. 1 for [micro-steps, B, ...]) over the batch axes, the rest replicated."""
+    axes = batch_axes(mesh, rules)
     spec = [None] * ndim
-    spec[batch_dim] = lead
+    spec[batch_dim] = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 

@@ -46,6 +46,7 @@ and {train,eval}_pairs_with_ref.jsonl when reference log-probs had to be compute
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -201,17 +202,22 @@ def step_rows(num_rows: int, batch_size: int, step: int, seed: int) -> np.ndarra
 # ---------------------------------------------------------------------------------------
 
 
-def batch_sums(params: Params, batch: Batch, *, model_config: ModelConfig, loss_cfg, remat: bool) -> dict[str, jax.Array]:
-    """Sums over the real rows of one batch [B, P, ...]: 'loss' (sum of per-pair losses, or
-    of per-token NLL for SFT), 'count' (the loss normaliser: pairs, or response tokens for
-    SFT), 'pairs' (real rows) and 'sum/<metric>' for every per-pair metric."""
+def batch_logps(params: Params, batch: Batch, *, model_config: ModelConfig, chunk_size: int, remat: bool = False):
+    """Summed response log-probs and response lengths of every side of a batch: [B, P] each."""
     b, p, t = batch["tokens_BPT"].shape
     flat = lambda x: x.reshape(b * p, t)  # noqa: E731
     logp_N, len_N = losses.sequence_logps(
         model_config, params, flat(batch["tokens_BPT"]), flat(batch["positions_BPT"]),
-        flat(batch["mask_BPT"]), flat(batch["loss_mask_BPT"]), chunk_size=loss_cfg.chunk_size, remat=remat,
+        flat(batch["mask_BPT"]), flat(batch["loss_mask_BPT"]), chunk_size=chunk_size, remat=remat,
     )
-    logp_BP, len_BP = logp_N.reshape(b, p), len_N.reshape(b, p)
+    return logp_N.reshape(b, p), len_N.reshape(b, p)
+
+
+def batch_sums(params: Params, batch: Batch, *, model_config: ModelConfig, loss_cfg, remat: bool) -> dict[str, jax.Array]:
+    """Sums over the real rows of one batch [B, P, ...]: 'loss' (sum of per-pair losses, or
+    of per-token NLL for SFT), 'count' (the loss normaliser: pairs, or response tokens for
+    SFT), 'pairs' (real rows) and 'sum/<metric>' for every per-pair metric."""
+    logp_BP, len_BP = batch_logps(params, batch, model_config=model_config, chunk_size=loss_cfg.chunk_size, remat=remat)
     w_B = batch["row_mask_B"].astype(jnp.float32)
     pairs = jnp.sum(w_B)
     if loss_cfg.kind == "sft":
@@ -288,7 +294,7 @@ def state_shardings(model_config: ModelConfig, optimizer, mesh, rules) -> State:
 
 
 def batch_shardings(mesh, rules, batch: Batch, batch_dim: int) -> Batch:
-    return {k: sharding.batch_sharding_at(mesh, np.ndim(v), batch_dim, rules) for k, v in batch.items()}
+    return {k: sharding.batch_sharding(mesh, np.ndim(v), rules, batch_dim) for k, v in batch.items()}
 
 
 def train_step(state: State, batch: Batch, *, model_config: ModelConfig, cfg, optimizer) -> tuple[State, dict]:
@@ -350,16 +356,7 @@ def make_logps_fn(model_config: ModelConfig, mesh, rules, example_batch: Batch, 
     """jitted (params, batch [B, P, ...]) -> (logps [B, P], lengths [B, P]), for reference log-probs."""
     p_shard = sharding.param_shardings(model_config, mesh, rules)
     b_shard = batch_shardings(mesh, rules, example_batch, batch_dim=0)
-
-    def fn(params, batch):
-        b, p, t = batch["tokens_BPT"].shape
-        flat = lambda x: x.reshape(b * p, t)  # noqa: E731
-        logp, length = losses.sequence_logps(
-            model_config, params, flat(batch["tokens_BPT"]), flat(batch["positions_BPT"]),
-            flat(batch["mask_BPT"]), flat(batch["loss_mask_BPT"]), chunk_size=chunk_size,
-        )
-        return logp.reshape(b, p), length.reshape(b, p)
-
+    fn = functools.partial(batch_logps, model_config=model_config, chunk_size=chunk_size)
     return jax.jit(fn, in_shardings=(p_shard, b_shard), out_shardings=sharding.replicated(mesh))
 
 
