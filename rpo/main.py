@@ -2,7 +2,7 @@
 
   python -m rpo.main [--config=configs/<experiment>.py[:arg]] [--config.<field>=<value>] [--workdir=DIR]
 
-Without --config it runs configs/default.py. The config's `mode` picks the job.
+Without --config it runs configs/arith_tiny.py (Iterative RPO on the synthetic task). The config's `mode` picks the job.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from rpo import files
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arith_tiny.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<mode>-<time>).")
 
@@ -74,7 +74,19 @@ def train_job(config, workdir: str) -> None:
     train.run(config, workdir)
 
 
-JOBS = {"sample": sample_job, "train": train_job}
+def irpo_job(config, workdir: str) -> None:
+    """The Iterative RPO loop (or a baseline): rpo.irpo.run."""
+    from rpo import irpo
+
+    from rpo import report
+
+    rows = irpo.run(config, workdir)
+    shown = ("iteration", "greedy_accuracy", "maj_accuracy", "train_sample_accuracy", "pairs", "train_steps")
+    table = report.format_table([{k: row[k] for k in shown if k in row} for row in rows])
+    _log(f"results ({workdir}/results.json, accuracy.png):\n{table}")
+
+
+JOBS = {"irpo": irpo_job, "sample": sample_job, "train": train_job}
 
 
 def main(argv) -> None:

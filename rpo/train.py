@@ -39,7 +39,8 @@ Config fields read here (see configs/train_tiny.py for every default):
   optim.end_lr_fraction, optim.weight_decay, optim.b1, optim.b2, optim.eps, optim.clip_norm
   batch_size (pairs per step), grad_accum, num_steps, remat, seed, mesh.{data,fsdp,tensor},
   sharding_rules, eval_every, eval_batches, log_every, checkpoint_every, keep_checkpoints
-Outputs under workdir: metrics.jsonl (one JSON object per logged step: split train/eval),
+Outputs under workdir: metrics.jsonl (one JSON object per logged step: split train/eval) and
+the same scalars as TensorBoard event files,
 checkpoints/ (orbax, resumed from the latest on restart), final/ (HF safetensors model),
 and {train,eval}_pairs_with_ref.jsonl when reference log-probs had to be computed.
 """
@@ -52,7 +53,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from typing import Any, Callable
 
 import jax
@@ -61,7 +61,7 @@ import numpy as np
 import optax
 
 from rpo import checkpoint as ckpt
-from rpo import files, losses, sharding
+from rpo import files, losses, report, sharding
 from rpo.models.config import ModelConfig
 from rpo.models.decoder import Params, param_shapes
 from rpo.models.hf import load_model
@@ -406,28 +406,15 @@ def _check_config(cfg) -> None:
         bad("grad_accum", f"{cfg.grad_accum} does not divide batch_size={cfg.batch_size}")
 
 
-class _Log:
-    """Metrics to a JSONL file (appended, flushed per line) and a short line on stderr."""
-
-    def __init__(self, path: str):
-        self.f = open(path, "a")
-
-    def __call__(self, step: int, split: str, metrics: dict) -> None:
-        row = {"step": step, "split": split, "time": time.time()}
-        row.update({k: float(v) for k, v in metrics.items()})
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
-        short = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k in _SHOWN)
-        print(f"[rpo.train] {split} step {step}: {short}", file=sys.stderr, flush=True)
-
-    def close(self):
-        self.f.close()
-
-
 _SHOWN = ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected", "grad_norm", "lr")
 
 
-def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None) -> Params:
+def _show(step: int, split: str, metrics: dict) -> None:
+    short = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k in _SHOWN)
+    print(f"[rpo.train] {split} step {step}: {short}", file=sys.stderr, flush=True)
+
+
+def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None, echo: bool = True) -> Params:
     """One training phase. Resumes from the latest checkpoint in workdir/checkpoints.
 
     Returns the final params (also written to workdir/final as an HF model). `on_step(step,
@@ -478,7 +465,7 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
         start = 0
         state = jax.device_put(init_state(params, optimizer), s_shard)
     del params
-    log = _Log(os.path.join(workdir, "metrics.jsonl"))
+    log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     if start:
         print(f"[rpo.train] resumed from {mngr.directory} at step {start}", file=sys.stderr, flush=True)
 
@@ -490,7 +477,9 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
         for b0 in batches:
             sums = jax.device_get(eval_fn(state["params"], make_batch(eval_rows[b0: b0 + micro], kind, micro, **pack)))
             total = sums if total is None else jax.tree.map(np.add, total, sums)
-        log(step, "eval", _means(total))
+        log.log(step, _means(total), split="eval")
+        if echo:
+            _show(step, "eval", _means(total))
 
     try:
         for step in range(start, cfg.num_steps):
@@ -506,7 +495,9 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
                     f"{cfg.data.train_path}); stopping (last checkpoint: {mngr.latest_step()})"
                 )
             if done % cfg.log_every == 0 or done == cfg.num_steps:
-                log(done, "train", metrics)
+                log.log(done, metrics, split="train")
+                if echo:
+                    _show(done, "train", metrics)
             if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.num_steps):
                 evaluate(done)
             if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:

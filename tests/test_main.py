@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 
-def test_main_default_config_writes_samples(tmp_path):
+def test_main_sample_config_writes_samples(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "rpo.main", f"--workdir={tmp_path}", "--config.sample.max_new_tokens=8",
+        [sys.executable, "-m", "rpo.main", "--config=configs/sample_tiny.py", f"--workdir={tmp_path}",
+         "--config.sample.max_new_tokens=8",
          "--config.sample.temperature=0.7"],
         capture_output=True, text=True, timeout=300,
     )
@@ -23,7 +24,8 @@ def test_main_default_config_writes_samples(tmp_path):
 
 def test_main_rejects_unknown_mode(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "rpo.main", f"--workdir={tmp_path}", "--config.mode=nope"],
+        [sys.executable, "-m", "rpo.main", "--config=configs/sample_tiny.py", f"--workdir={tmp_path}",
+         "--config.mode=nope"],
         capture_output=True, text=True, timeout=120,
     )
     assert res.returncode != 0 and "field mode='nope'" in res.stderr

@@ -1,11 +1,8 @@
-"""The embedded default: a small run that finishes on a laptop CPU in about a minute.
+"""Sampling only: load an HF model directory (or, with model.path empty, build a tiny random
+Llama), sample completions for token-id prompts and write them to <workdir>/samples.jsonl.
 
-Until the IRPO pipeline lands, the main job is sampling: it loads an HF model directory
-(or, with model.path empty, builds a tiny random Llama), samples completions for the
-prompts and writes them to <workdir>/samples.jsonl.
-
-  python -m rpo.main                                   # this file, all defaults
-  python -m rpo.main --config=configs/default.py:model=/path/to/hf_dir \
+  python -m rpo.main --config=configs/sample_tiny.py                     # a tiny random model
+  python -m rpo.main --config=configs/sample_tiny.py:model=/path/to/hf_dir \
       --config.sample.temperature=0.8 --config.sample.n=4 --workdir=runs/try
 """
 

@@ -1,0 +1,518 @@
+"""The Iterative RPO loop (Pang et al. 2024) and its baselines, as resumable stages.
+
+  M_0 = model.path, or an SFT warm start on the gold solutions (init.steps > 0)
+  for t = 1..T:  sample N per train prompt from M_{t-1} at temperature_t -> reward each
+                 -> K (correct, incorrect) pairs per prompt -> reference log-probs under M_{t-1}
+                 -> train M_t from M_{t-1} with DPO + NLL -> evaluate M_t (greedy, maj@k)
+
+irpo.method picks what each iteration trains on, so the paper's baselines are configs:
+  irpo      pairs, loss.kind dpo_nll (alpha = 0 is "DPO without NLL")
+  star      SFT on the model's own correct samples (one per prompt and distinct answer text)
+  sft_gold  SFT on the gold solutions (no sampling)
+and irpo.iterations = 0 evaluates M_0 only (zero-shot, or the SFT warm start).
+
+Stages and their artifacts (workdir/...), each written atomically; a stage whose artifact
+exists is skipped, so killing the process at any moment and rerunning the same command
+resumes at the first unfinished stage (training resumes from its last orbax checkpoint,
+sampling from its last finished chunk):
+  data/{train,test}.jsonl     prompts (text and ids), gold answers and gold responses
+  tokenizer/                  the tokenizer (saved into every model directory too)
+  iter0/train/                the warm start's training phase (checkpoints/, metrics.jsonl, final/)
+  iter<t>/samples/part-*.jsonl  N samples per train prompt with answer and reward
+  iter<t>/pairs.jsonl, pairs_stats.json   preference pairs (with reference log-probs)
+  iter<t>/sft.jsonl           the SFT rows (star, sft_gold)
+  iter<t>/train/final/        M_t as an HF directory (with the tokenizer): loads in transformers
+  iter<t>/eval.json, eval_samples.jsonl   test metrics, and each test prompt's greedy answer
+  results.json, accuracy.png  one row per iteration; the accuracy plot
+  metrics.jsonl, events.out.tfevents.*    every scalar, as JSON lines and for TensorBoard
+
+Config fields: see configs/arith_tiny.py, which sets every one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+from rpo import files, sharding
+
+DONE = "done.json"  # a training phase's marker: its final/ model and tokenizer are complete
+
+
+def _log(msg: str) -> None:
+    print(f"[rpo.irpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# Config checks and the run's identity
+# ---------------------------------------------------------------------------------------
+
+METHODS = ("irpo", "star", "sft_gold")
+# Fields that may change between runs in the same workdir (extending a finished run).
+_MUTABLE = ("irpo.iterations", "workdir")
+
+
+def check_config(cfg) -> None:
+    def bad(field, why):
+        raise ValueError(f"config field {field}: {why}")
+
+    i = cfg.irpo
+    if i.method not in METHODS:
+        bad("irpo.method", f"{i.method!r} is not one of {METHODS}")
+    if not isinstance(i.iterations, int) or i.iterations < 0:
+        bad("irpo.iterations", f"must be an int >= 0, got {i.iterations!r}")
+    if len(i.temperatures) < i.iterations:
+        bad("irpo.temperatures", f"{len(i.temperatures)} values for {i.iterations} iterations")
+    for field, value in (("irpo.samples_per_prompt", i.samples_per_prompt), ("irpo.pairs_per_prompt", i.pairs_per_prompt),
+                         ("irpo.max_new_tokens", i.max_new_tokens), ("irpo.chunk_prompts", i.chunk_prompts),
+                         ("eval.max_new_tokens", cfg.eval.max_new_tokens), ("eval.maj_k", cfg.eval.maj_k),
+                         ("seq_len", cfg.seq_len)):
+        if not isinstance(value, int) or value < 1:
+            bad(field, f"must be a positive int, got {value!r}")
+    if cfg.data.long_prompts not in ("error", "skip"):
+        bad("data.long_prompts", f"{cfg.data.long_prompts!r} is not 'error' or 'skip'")
+    if i.method == "irpo" and cfg.train.loss.kind == "sft":
+        bad("train.loss.kind", "'sft' does not train on pairs (irpo.method='irpo')")
+    if i.method != "irpo" and cfg.train.loss.kind != "sft":
+        bad("train.loss.kind", f"irpo.method={i.method!r} trains by SFT: set it to 'sft'")
+    if cfg.init.num_steps and not cfg.model.path and cfg.init.num_steps < 1:
+        bad("init.steps", "must be >= 0")
+    if not cfg.model.path and not cfg.init.num_steps and i.iterations:
+        _log("warning: M_0 is a random model (model.path empty, init.steps 0)")
+
+
+def _check_same_run(cfg, workdir: str) -> None:
+    """A workdir holds one experiment: refuse to resume it with a different config."""
+    path = os.path.join(workdir, "irpo_config.json")
+    mine = json.loads(cfg.to_json_best_effort())
+    for field in _MUTABLE:
+        head, _, leaf = field.rpartition(".")
+        (mine[head] if head else mine).pop(leaf, None)
+    if os.path.exists(path):
+        theirs = json.load(open(path))
+        diff = _first_diff(mine, theirs)
+        if diff is not None:
+            raise ValueError(
+                f"{workdir} holds a run of another config (field {diff} differs from {path}); "
+                f"resume with the same config or use a new --workdir"
+            )
+    else:
+        files.write_json(path, mine)
+
+
+def _first_diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+# ---------------------------------------------------------------------------------------
+# Data: prompts, gold responses, token ids
+# ---------------------------------------------------------------------------------------
+
+
+def _tokenizer(cfg, task):
+    from rpo.models.hf import load_tokenizer
+
+    path = cfg.tokenizer or cfg.model.path
+    if path:
+        return load_tokenizer(path)
+    if task.name == "arith":
+        from rpo.data.synthetic import char_tokenizer
+
+        return char_tokenizer()
+    raise ValueError("config field tokenizer: empty, and model.path is empty too: name an HF directory")
+
+
+def _prompt_text(cfg, task, tokenizer, example) -> str:
+    text = task.prompt(example)
+    if cfg.data.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("config field data.chat_template: the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text
+
+
+def _encode(tokenizer, text: str, bos: bool) -> list[int]:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if bos and tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, list[dict]]:
+    """data/{train,test}.jsonl: one row per example. A prompt that leaves no room for the
+    answer in the model's context is an error, or (data.long_prompts='skip') skipped and counted."""
+    out = {}
+    os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+    for split, limit in (("train", cfg.data.num_train), ("test", cfg.data.num_test)):
+        path = os.path.join(workdir, "data", f"{split}.jsonl")
+        if os.path.exists(path):
+            out[split] = _read_jsonl(path)
+            continue
+        examples = task.load(split)
+        if limit:
+            examples = examples[:limit]
+        rows, skipped, long_targets = [], [], 0
+        room = max(cfg.irpo.max_new_tokens, cfg.eval.max_new_tokens)
+        for ex in examples:
+            prompt = _prompt_text(cfg, task, tokenizer, ex)
+            prompt_ids = _encode(tokenizer, prompt, cfg.data.add_bos)
+            if len(prompt_ids) + room > context:
+                if cfg.data.long_prompts == "error":
+                    raise ValueError(
+                        f"{ex.uid}: the prompt has {len(prompt_ids)} tokens; with {room} new tokens it passes the "
+                        f"model's context of {context} (set data.long_prompts='skip' to skip such prompts)"
+                    )
+                skipped.append(ex.uid)
+                continue
+            target = task.target(ex)
+            if target is not None:
+                target_ids = _encode(tokenizer, target, False) + [tokenizer.eos_token_id]
+                if len(prompt_ids) + len(target_ids) > cfg.seq_len:  # no gold response to train on
+                    target, long_targets = None, long_targets + 1
+            row = {"uid": ex.uid, "prompt": prompt, "prompt_ids": prompt_ids, "answer": ex.answer,
+                   "question": ex.question, "solution": ex.solution, "choices": [list(c) for c in ex.choices]}
+            if target is not None:
+                row["target"] = target
+                row["target_ids"] = target_ids
+            rows.append(row)
+        if skipped:
+            _log(f"{split}: skipped {len(skipped)} prompts too long for the context (first: {skipped[0]})")
+        if long_targets:
+            _log(f"{split}: {long_targets} gold responses do not fit seq_len={cfg.seq_len} with their prompt: "
+                 f"not trained on")
+        if not rows:
+            raise ValueError(f"task {task.name}: the {split} split has no usable rows")
+        files.write_json(os.path.join(workdir, "data", f"{split}_stats.json"),
+                         {"rows": len(rows), "skipped_long_prompts": len(skipped), "skipped_uids": skipped[:100],
+                          "gold_too_long_for_seq_len": long_targets})
+        files.write_jsonl(path, rows)
+        _log(f"{split}: {len(rows)} prompts -> {path}")
+        out[split] = rows
+    return out
+
+
+def _examples(rows):
+    from rpo.data import Example
+
+    return [Example(r["uid"], r["question"], r["answer"], r.get("solution", ""),
+                    tuple(tuple(c) for c in r.get("choices", []))) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------
+
+
+class Models:
+    """Loads M_t from its HF directory (or the random init), placed on the run's mesh."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in cfg.sharding_rules)
+        self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+
+    def load(self, path: str):
+        from rpo.models.hf import load_model
+
+        mc = ml_collections.ConfigDict(self.cfg.model.to_dict())
+        mc.path = path
+        return load_model(mc, shardings_for=lambda c: sharding.param_shardings(c, self.mesh, self.rules))
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling and scoring
+# ---------------------------------------------------------------------------------------
+
+
+def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out_dir: str, *, n: int,
+                     temperature: float, top_p: float, top_k: int, max_new_tokens: int, chunk: int, seed: int,
+                     desc: str) -> list[dict]:
+    """N samples per prompt, scored; written in chunks of prompts to out_dir/part-<k>.jsonl (a
+    killed run keeps its finished chunks). Returns one row per sample."""
+    from rpo import report, sampling
+
+    os.makedirs(out_dir, exist_ok=True)
+    starts = range(0, len(rows), chunk)
+    parts = [os.path.join(out_dir, f"part-{k:05d}.jsonl") for k in range(len(starts))]
+    todo = [k for k, p in enumerate(parts) if not os.path.exists(p)]
+    if todo:
+        model_config, params = models.load(model_path)
+        bar = report.progress(desc=desc, total=len(rows) * n, unit="samples")
+        bar.update(n * sum(min(chunk, len(rows) - starts[k]) for k in range(len(starts)) if k not in todo))
+        for k in todo:
+            block = rows[starts[k]: starts[k] + chunk]
+            out = sampling.generate(
+                model_config, params, [r["prompt_ids"] for r in block], n=n, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=[tokenizer.eos_token_id],
+                seed=seed + starts[k], mesh=models.mesh, rules=models.rules, progress=False,
+            )
+            texts = tokenizer.batch_decode([t for per in out.tokens for t in per], skip_special_tokens=True)
+            examples = [ex for ex in _examples(block) for _ in range(n)]
+            answers, correct = task.score(texts, examples)
+            samples = []
+            for i, r in enumerate(block):
+                for j in range(n):
+                    m = i * n + j
+                    samples.append({"uid": r["uid"], "prompt_index": starts[k] + i, "sample": j,
+                                    "completion_ids": out.tokens[i][j], "text": texts[m],
+                                    "finish_reason": out.finish_reasons[i][j], "answer": answers[m],
+                                    "correct": bool(correct[m])})
+            files.write_jsonl(parts[k], samples)
+            bar.update(len(block) * n)
+        bar.close()
+        del params
+    return [s for p in parts for s in _read_jsonl(p)]
+
+
+def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str, cfg) -> dict:
+    """Greedy accuracy, maj@k and pass@k on the test rows; it_dir/eval.json."""
+    from rpo import consistency
+
+    path = os.path.join(it_dir, "eval.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    e = cfg.eval
+    common = dict(top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens, chunk=e.chunk_prompts,
+                  seed=cfg.seed + 7919)
+    greedy = sample_and_score(models, model_path, task, tokenizer, rows, os.path.join(it_dir, "eval_greedy"), n=1,
+                              temperature=0.0, desc=f"{os.path.basename(it_dir)} eval greedy", **common)
+    metrics = {"greedy_accuracy": float(np.mean([s["correct"] for s in greedy]))}
+    if e.maj_k > 1:
+        k = e.maj_k
+        samples = sample_and_score(models, model_path, task, tokenizer, rows, os.path.join(it_dir, "eval_samples"),
+                                   n=k, temperature=e.temperature, desc=f"{os.path.basename(it_dir)} eval maj@{k}",
+                                   **common)
+        answers = [[s["answer"] for s in samples[i * k: (i + 1) * k]] for i in range(len(rows))]
+        correct = np.asarray([[s["correct"] for s in samples[i * k: (i + 1) * k]] for i in range(len(rows))])
+        ids, valid = consistency.answer_ids(answers)
+        metrics.update({
+            "maj_accuracy": float(consistency.maj_at_k(ids, valid, correct, k)), "maj_k": k,
+            "sample_accuracy": float(correct.mean()), f"pass_at_{k}": float(consistency.pass_at_k(correct, k)),
+            "vote_share": float(np.mean(consistency.vote_share(ids, valid))),
+        })
+    metrics["test_prompts"] = len(rows)
+    files.write_json(path, metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Training phases
+# ---------------------------------------------------------------------------------------
+
+
+def _phase_config(cfg, block, *, model_path: str, train_path: str, kind: str):
+    """The rpo.train config of one training phase: the block's optimisation fields plus the
+    run's model, mesh and data layout."""
+    p = ml_collections.ConfigDict(block.to_dict())
+    p.model = ml_collections.ConfigDict(cfg.model.to_dict())
+    p.model.path = model_path
+    p.data = ml_collections.ConfigDict(dict(
+        kind=kind, train_path=train_path, eval_path="", seq_len=cfg.seq_len, pad_id=cfg.data.pad_id,
+        truncate=False, compute_ref=False,
+    ))
+    p.mesh = ml_collections.ConfigDict(cfg.mesh.to_dict())
+    p.sharding_rules = cfg.sharding_rules
+    p.eval_every = p.num_steps
+    p.eval_batches = 0
+    return p
+
+
+def train_phase(cfg, block, *, model_path: str, train_path: str, kind: str, out_dir: str, tokenizer, log,
+                step_offset: int, desc: str) -> str:
+    """Runs (or resumes) one rpo.train phase into out_dir; returns the HF directory of the result."""
+    from rpo import report, train
+
+    final = os.path.join(out_dir, "final")
+    if os.path.exists(os.path.join(out_dir, DONE)):
+        return final
+    pcfg = _phase_config(cfg, block, model_path=model_path, train_path=train_path, kind=kind)
+    bar = report.progress(desc=desc, total=pcfg.num_steps, unit="steps")
+
+    def on_step(step, metrics):
+        bar.set_postfix(loss=f"{float(metrics['loss']):.4g}", refresh=False)
+        bar.update(step - bar.n)
+        log.log(step_offset + step, metrics, split="train")
+
+    train.run(pcfg, out_dir, on_step=on_step, echo=False)
+    bar.close()
+    tokenizer.save_pretrained(final)  # final/ is complete only once DONE is written
+    files.write_json(os.path.join(out_dir, DONE), {"steps": pcfg.num_steps, "kind": kind, "train_path": train_path})
+    return final
+
+
+def add_reference(models: Models, model_path: str, pair_rows: list[dict], out_path: str, cfg) -> list[dict]:
+    """Reference log-probs of each pair under M_{t-1} (the model the pairs were sampled from)."""
+    from rpo import train
+
+    model_config, params = models.load(model_path)
+    t = cfg.train
+    return train.add_reference_logps(
+        model_config, params, pair_rows, out_path, batch_size=t.batch_size // t.grad_accum, seq_len=cfg.seq_len,
+        pad_id=cfg.data.pad_id, truncate=False, chunk_size=t.loss.chunk_size, mesh=models.mesh, rules=models.rules,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+
+
+def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer, train_rows) -> tuple[str, str, dict]:
+    """Builds iteration t's training file; returns (path, data kind, stats)."""
+    from rpo import pairs as pairs_lib
+
+    i = cfg.irpo
+    if i.method == "sft_gold":
+        path = os.path.join(it_dir, "sft.jsonl")
+        if not os.path.exists(path):
+            files.write_jsonl(path, ({"prompt_ids": r["prompt_ids"], "response_ids": r["target_ids"], "uid": r["uid"]}
+                                     for r in train_rows if "target_ids" in r))
+        return path, "sft", {}
+
+    samples = sample_and_score(
+        models, prev, task, tokenizer, train_rows, os.path.join(it_dir, "samples"), n=i.samples_per_prompt,
+        temperature=i.temperatures[t - 1], top_p=i.top_p, top_k=i.top_k, max_new_tokens=i.max_new_tokens,
+        chunk=i.chunk_prompts, seed=cfg.seed + 1_000_003 * t, desc=f"iter{t} sample",
+    )
+    stats = {"train_sample_accuracy": float(np.mean([s["correct"] for s in samples]))}
+    if i.method == "star":
+        path = os.path.join(it_dir, "sft.jsonl")
+        if not os.path.exists(path):
+            seen, rows = set(), []
+            for s in samples:
+                key = (s["prompt_index"], s["text"])
+                if s["correct"] and key not in seen:
+                    seen.add(key)
+                    r = train_rows[s["prompt_index"]]
+                    if len(r["prompt_ids"]) + len(s["completion_ids"]) <= cfg.seq_len:
+                        rows.append({"prompt_ids": r["prompt_ids"], "response_ids": s["completion_ids"], "uid": r["uid"]})
+            if not rows:
+                raise RuntimeError(f"iteration {t}: no correct sample to train on (star)")
+            files.write_jsonl(path, rows)
+        stats["star_rows"] = sum(1 for _ in open(path))
+        return path, "sft", stats
+
+    path = os.path.join(it_dir, "pairs.jsonl")
+    stats_path = os.path.join(it_dir, "pairs_stats.json")
+    if not os.path.exists(path):
+        by_prompt = [[] for _ in train_rows]
+        for s in samples:
+            by_prompt[s["prompt_index"]].append(
+                pairs_lib.Sample(s["completion_ids"], s["correct"], valid=s["answer"] is not None))
+        prompts = [pairs_lib.PromptSamples(r["prompt_ids"], by_prompt[n], uid=r["uid"],
+                                           gold=pairs_lib.Sample(r["target_ids"], True) if "target_ids" in r else None)
+                   for n, r in enumerate(train_rows)]
+        rows, pstats = pairs_lib.build_pairs(
+            prompts, pairs_per_prompt=i.pairs_per_prompt, add_gold=i.add_gold, max_len=cfg.seq_len,
+            max_pairs=i.max_pairs or None, seed=cfg.seed + t,
+        )
+        if not rows:
+            raise RuntimeError(f"iteration {t}: no preference pairs ({pstats}); every prompt was all-correct or all-wrong")
+        _log(f"iter{t} pairs: " + ", ".join(f"{k}={v}" for k, v in pstats.items()))
+        add_reference(models, prev, rows, path, cfg)
+        files.write_json(stats_path, pstats)
+    pstats = json.load(open(stats_path))
+    stats.update({k: pstats[k] for k in _PAIR_STATS})
+    return path, "pairs", stats
+
+
+# The pair counts copied into results.json (pairs_stats.json has them all).
+_PAIR_STATS = ("pairs", "prompts_paired", "prompts_all_correct", "prompts_all_wrong", "prompts_no_valid",
+               "pairs_too_long")
+
+
+def run(cfg, workdir: str) -> list[dict]:
+    """The whole experiment; returns the results rows (also in workdir/results.json)."""
+    from rpo import report
+    from rpo.data import get_task
+
+    check_config(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    _check_same_run(cfg, workdir)
+    task = get_task(cfg.task)
+    tokenizer = _tokenizer(cfg, task)
+    models = Models(cfg)
+    if not cfg.model.path and len(tokenizer) > cfg.model.random.vocab_size:
+        raise ValueError(f"config field model.random.vocab_size: {cfg.model.random.vocab_size} < the tokenizer's "
+                         f"{len(tokenizer)} tokens")
+    context = cfg.seq_len
+    data = prepare_data(cfg, task, tokenizer, workdir, context)
+    _save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
+    log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    results_path = os.path.join(workdir, "results.json")
+    results = []
+    try:
+        # M_0
+        it_dir = os.path.join(workdir, "iter0")
+        model_path = cfg.model.path
+        if cfg.init.num_steps:
+            sft_path = os.path.join(it_dir, "sft.jsonl")
+            if not os.path.exists(sft_path):
+                os.makedirs(it_dir, exist_ok=True)
+                gold = [{"prompt_ids": r["prompt_ids"], "response_ids": r["target_ids"], "uid": r["uid"]}
+                        for r in data["train"] if "target_ids" in r]
+                if not gold:
+                    raise ValueError(f"config field seq_len={cfg.seq_len}: no train prompt has a gold response that "
+                                     f"fits with it (see data/train_stats.json); the warm start has nothing to train on")
+                files.write_jsonl(sft_path, gold)
+            model_path = train_phase(cfg, cfg.init, model_path=cfg.model.path, train_path=sft_path, kind="sft",
+                                     out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer, log=log,
+                                     step_offset=0, desc="iter0 warm start (SFT on gold)")
+        elif not model_path:
+            raise ValueError("config fields model.path / init.steps: M_0 needs a checkpoint or a warm start")
+        step = cfg.init.num_steps
+        results.append({"iteration": 0, **evaluate(models, model_path, task, tokenizer, data["test"], it_dir, cfg)})
+        _record(log, results, results_path, workdir)
+
+        for t in range(1, cfg.irpo.iterations + 1):
+            it_dir = os.path.join(workdir, f"iter{t}")
+            os.makedirs(it_dir, exist_ok=True)
+            path, kind, stats = _iteration_data(cfg, t, it_dir, model_path, models, task, tokenizer, data["train"])
+            model_path = train_phase(cfg, cfg.train, model_path=model_path, train_path=path, kind=kind,
+                                     out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer, log=log,
+                                     step_offset=step, desc=f"iter{t} train ({cfg.irpo.method})")
+            step += cfg.train.num_steps
+            metrics = evaluate(models, model_path, task, tokenizer, data["test"], it_dir, cfg)
+            results.append({"iteration": t, **metrics, **stats, "train_steps": step})
+            _record(log, results, results_path, workdir)
+    finally:
+        log.close()
+    return results
+
+
+def _save_tokenizer(tokenizer, path: str) -> None:
+    """Once per run, atomically (a directory renamed into place)."""
+    if os.path.isdir(path):
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
+
+
+def _record(log, results, path, workdir) -> None:
+    from rpo import report
+
+    row = results[-1]
+    log.log(row["iteration"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"},
+            split="iteration")
+    report.write_results(path, results)
+    report.plot_results(results, os.path.join(workdir, "accuracy.png"))
+    _log("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)
+         + (f", maj@{row['maj_k']} {row['maj_accuracy']:.3f}" if "maj_accuracy" in row else ""))

@@ -1,0 +1,198 @@
+"""The Iterative RPO loop end to end on the quick variant of the embedded default: artifacts,
+results, export, baselines, bad input, and kill-and-resume (killed at several moments, the
+rerun finishes with exactly the results of an uninterrupted run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "arith_tiny.py")
+
+
+def _config(arg="quick"):
+    from ml_collections import config_flags
+
+    return config_flags.config_flags._LoadConfigModule("arith_tiny", CONFIG).get_config(arg)
+
+
+def _cmd(workdir, variant="quick", *overrides):
+    return [sys.executable, "-m", "rpo.main", f"--config={CONFIG}:{variant}", f"--workdir={workdir}", *overrides]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An uninterrupted quick run through the README's entry point."""
+    workdir = tmp_path_factory.mktemp("irpo") / "run"
+    res = subprocess.run(_cmd(workdir), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return workdir, res.stderr
+
+
+def test_run_writes_every_artifact_and_a_readable_result(finished):
+    workdir, stderr = finished
+    rows = json.loads((workdir / "results.json").read_text())
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        for key in ("greedy_accuracy", "maj_accuracy", "pass_at_4", "sample_accuracy"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["test_prompts"] == 16
+    for r in rows[1:]:
+        assert r["pairs"] > 0 and r["prompts_paired"] + r["prompts_all_correct"] + r["prompts_all_wrong"] \
+            + r["prompts_no_valid"] >= r["prompts_paired"]
+    assert rows[2]["train_steps"] == 6 + 2 * 4
+    assert "| iteration | greedy_accuracy |" in stderr  # the table printed at the end
+    # The plot is a real PNG.
+    png = (workdir / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # Metrics as JSONL and as TensorBoard events, readable by TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir))
+    acc.Reload()
+    greedy = acc.Scalars("iteration/greedy_accuracy")
+    assert [e.step for e in greedy] == [0, 1, 2]
+    np.testing.assert_allclose([e.value for e in greedy], [r["greedy_accuracy"] for r in rows], rtol=1e-6)
+    assert len(acc.Scalars("train/loss")) == 6 + 2 * 4
+    # Samples: N per prompt, scored; pairs carry reference log-probs; eval has one greedy row per prompt.
+    samples = [json.loads(line) for p in sorted((workdir / "iter1" / "samples").glob("part-*.jsonl"))
+               for line in open(p)]
+    assert len(samples) == 32 * 4 and {"text", "answer", "correct", "completion_ids"} <= set(samples[0])
+    pairs = [json.loads(line) for line in open(workdir / "iter1" / "pairs.jsonl")]
+    assert len(pairs) == rows[1]["pairs"]
+    assert all(np.isfinite(p["ref_chosen_logp"]) and np.isfinite(p["ref_rejected_logp"]) for p in pairs)
+    # The gold solution is pair 0's winner for every paired prompt (irpo.add_gold).
+    train = [json.loads(line) for line in open(workdir / "data" / "train.jsonl")]
+    gold = {r["uid"]: r["target_ids"] for r in train}
+    assert all(p["chosen_ids"] == gold[p["uid"]] for p in pairs if p["pair_index"] == 0)
+
+
+def test_every_iteration_exports_to_transformers(finished):
+    """M_t is an HF directory with its tokenizer: transformers loads it and agrees with our logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rpo.models as M
+
+    workdir, _ = finished
+    path = str(workdir / "iter2" / "train" / "final")
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.encode("Q: Mia has 3 pens. Mia gets 4. How many pens?\nA: ", add_special_tokens=False)
+    assert tok.decode(ids).startswith("Q: Mia has 3 pens.")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits.numpy()
+    config, params = M.load_pretrained(path, dtype="float32")
+    np.testing.assert_allclose(np.asarray(M.forward(config, params, np.asarray([ids], np.int32))), ref, atol=1e-4)
+
+
+def _wait_for(proc, predicate, timeout=300):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the moment to kill it"
+        assert time.time() - t0 < timeout, "timed out waiting for the moment to kill the run"
+        time.sleep(0.05)
+
+
+def test_killed_at_any_stage_resumes_and_loses_nothing(finished, tmp_path):
+    """SIGKILL mid-sampling (one chunk written), then mid-training (a checkpoint written), then
+    right after an evaluation: each rerun of the same command goes on from there, finished
+    stages are not redone, and the final results equal the uninterrupted run's exactly."""
+    reference, _ = finished
+    workdir = tmp_path / "run"
+    moments = [
+        lambda: (workdir / "iter1" / "samples" / "part-00000.jsonl").exists(),
+        lambda: (workdir / "iter1" / "train" / "checkpoints" / "2").exists(),
+        lambda: (workdir / "iter1" / "eval.json").exists(),
+    ]
+    kept = {}
+    for moment in moments:
+        proc = subprocess.Popen(_cmd(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+        try:
+            _wait_for(proc, moment)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        for p in workdir.rglob("*"):  # artifacts finished before a kill are never rewritten
+            if p.is_file() and p.suffix in (".jsonl", ".json") and "checkpoints" not in p.parts \
+                    and p.name not in ("metrics.jsonl", "config.json", "results.json"):
+                kept.setdefault(p, p.stat().st_mtime_ns)
+    res = subprocess.run(_cmd(workdir), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "resumed from" in res.stderr or "iter1 sample" not in res.stderr
+    for p, mtime in kept.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p} was rewritten after the kill"
+    ours = json.loads((workdir / "results.json").read_text())
+    theirs = json.loads((reference / "results.json").read_text())
+    assert ours == theirs
+
+
+def test_refuses_to_resume_a_workdir_with_another_config(finished):
+    workdir, _ = finished
+    res = subprocess.run(_cmd(workdir, "quick", "--config.irpo.pairs_per_prompt=3"), capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert res.returncode != 0 and "field irpo.pairs_per_prompt differs" in res.stderr
+
+
+@pytest.mark.parametrize("baseline", ["sft_gold", "star"])
+def test_sft_baselines_train_on_gold_or_own_correct_samples(tmp_path, baseline):
+    from rpo import irpo
+
+    cfg = _config(f"quick,baseline={baseline}")
+    cfg.irpo.iterations = 1
+    # One small sum per problem: the warm-started model gets some right (STaR needs them).
+    cfg.task.update(max_value=6, min_steps=1, max_steps=1)
+    cfg.init.num_steps = 80
+    cfg.init.optim.update(lr=1e-2, warmup_steps=5)
+    cfg.irpo.temperatures = (0.5,)
+    rows = irpo.run(cfg, str(tmp_path))
+    assert [r["iteration"] for r in rows] == [0, 1]
+    sft = [json.loads(line) for line in open(tmp_path / "iter1" / "sft.jsonl")]
+    train = {r["uid"]: r for r in (json.loads(line) for line in open(tmp_path / "data" / "train.jsonl"))}
+    if baseline == "sft_gold":
+        assert not (tmp_path / "iter1" / "samples").exists()
+        assert [r["response_ids"] for r in sft] == [r["target_ids"] for r in train.values()]
+    else:
+        samples = {(s["uid"], tuple(s["completion_ids"])): s for p in (tmp_path / "iter1" / "samples").glob("*.jsonl")
+                   for s in map(json.loads, open(p))}
+        assert sft and all(samples[(r["uid"], tuple(r["response_ids"]))]["correct"] for r in sft)
+        assert rows[1]["star_rows"] == len(sft)
+
+
+def test_bad_config_and_input_are_named(tmp_path):
+    from rpo import irpo
+
+    cfg = _config()
+    cfg.irpo.method = "ppo"
+    with pytest.raises(ValueError, match="irpo.method"):
+        irpo.run(cfg, str(tmp_path / "a"))
+    cfg = _config()
+    cfg.irpo.temperatures = (1.0,)
+    with pytest.raises(ValueError, match="irpo.temperatures"):
+        irpo.run(cfg, str(tmp_path / "b"))
+    cfg = _config()
+    cfg.model.random.vocab_size = 50
+    with pytest.raises(ValueError, match="model.random.vocab_size"):
+        irpo.run(cfg, str(tmp_path / "c"))
+    # A prompt too long for the context: an error naming the row, or a counted skip.
+    cfg = _config()
+    cfg.seq_len = 90
+    with pytest.raises(ValueError, match=r"arith/train/\d+: the prompt has \d+ tokens"):
+        irpo.run(cfg, str(tmp_path / "d"))
+    cfg.data.long_prompts = "skip"
+    cfg.irpo.iterations = 0
+    with pytest.raises(ValueError, match="seq_len=90: no train prompt has a gold response that fits"):
+        irpo.run(cfg, str(tmp_path / "e"))
+    cfg.seq_len = 100
+    irpo.run(cfg, str(tmp_path / "f"))
+    stats = json.loads((tmp_path / "f" / "data" / "train_stats.json").read_text())
+    kept = sum(1 for _ in open(tmp_path / "f" / "data" / "train.jsonl"))
+    assert stats["skipped_long_prompts"] > 0 and stats["rows"] == kept == 32 - stats["skipped_long_prompts"]
