@@ -32,11 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.task = ml_collections.ConfigDict(dict(
-        name="arith", seed=0, num_train=2000, num_test=200, min_steps=2, max_steps=3, max_value=30, ops="+-",
+        name="arith", seed=0, num_train=20000, num_test=200, min_steps=2, max_steps=3, max_value=30, ops="+-",
         strict=True,
     ))
     c.data = ml_collections.ConfigDict(dict(
-        num_train=0, num_test=0,  # 0: the whole split
         chat_template=False, add_bos=False, pad_id=0,
         long_prompts="error",  # 'error' | 'skip' (counted in data/<split>_stats.json)
     ))
@@ -69,11 +68,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init = phase("sft", 400, 3e-3, 20, 32)  # init.num_steps 0: M_0 is model.path itself
 
     c.irpo = ml_collections.ConfigDict(dict(
-        method="irpo", iterations=3, samples_per_prompt=8, temperatures=(0.8, 0.8, 1.0), top_p=1.0, top_k=0,
-        max_new_tokens=48, pairs_per_prompt=4, add_gold=True, max_pairs=0,  # 0: no cap
+        method="irpo", iterations=3, prompts_per_iteration=512, samples_per_prompt=8, temperatures=(0.8, 0.8, 1.0),
+        top_p=1.0, top_k=0, max_new_tokens=48, pairs_per_prompt=4,
+        distinct_pairs=False,  # True: never repeat a pair (the paper's walk repeats when a set runs out)
+        add_gold=True, max_pairs=0,  # 0: no cap
         chunk_prompts=256,
     ))
-    c.train = phase("dpo_nll", 100, 2e-3, 10, 16)
+    c.train = phase("dpo_nll", 100, 5e-4, 10, 16)
 
     c.eval = ml_collections.ConfigDict(dict(
         max_new_tokens=48, maj_k=8, temperature=0.8, top_p=1.0, top_k=0, chunk_prompts=256,
@@ -93,20 +94,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif baseline == "zero_shot":
         c.irpo.iterations = 0
 
-    if "quick" in opts:  # seconds, for tests: a tinier model, few rows and steps
-        c.task.update(num_train=32, num_test=16)
+    if "quick" in opts:  # seconds, for tests: one-step sums, a tinier model, few rows and steps
+        c.task.update(num_train=32, num_test=16, min_steps=1, max_steps=1, max_value=9)
+        c.irpo.prompts_per_iteration = 0
         c.model.random.update(hidden_size=32, intermediate_size=64, num_layers=2, head_dim=8)
-        c.init.num_steps = 6
-        c.init.optim.warmup_steps = c.train.optim.warmup_steps = 2
-        c.train.num_steps = 4
-        c.train.batch_size = 4
-        c.init.batch_size = 8
-        c.irpo.iterations = min(c.irpo.iterations, 2)
-        c.irpo.samples_per_prompt = 4
-        c.irpo.chunk_prompts = 16
-        c.irpo.temperatures = (1.0, 1.0)
-        c.irpo.max_new_tokens = c.eval.max_new_tokens = 24
-        c.eval.maj_k = 4
-        c.init.log_every = c.train.log_every = 2
-        c.init.checkpoint_every = c.train.checkpoint_every = 2
+        c.init.update(num_steps=60, batch_size=8, log_every=10, checkpoint_every=10)
+        c.init.optim.update(lr=1e-2, warmup_steps=5)
+        c.train.update(num_steps=4, batch_size=4, log_every=2, checkpoint_every=2)
+        c.train.optim.warmup_steps = 2
+        c.irpo.update(iterations=min(c.irpo.iterations, 2), samples_per_prompt=4, chunk_prompts=16,
+                      temperatures=(0.7, 0.7), max_new_tokens=32)
+        c.eval.update(max_new_tokens=32, maj_k=4)
     return c

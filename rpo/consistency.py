@@ -72,6 +72,7 @@ def _check_k(k: int, n: int) -> None:
 
 
 @jax.jit
+@jax.jit
 def _vote(ids_PN: jax.Array, valid_PN: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(winner index, winner id, votes), each [P]."""
     same_PNN = (ids_PN[:, :, None] == ids_PN[:, None, :]) & valid_PN[:, :, None] & valid_PN[:, None, :]
@@ -93,13 +94,6 @@ def majority_vote(answer_ids: jax.Array, valid: jax.Array) -> tuple[jax.Array, j
     return winner_P, votes_P
 
 
-def majority_index(answer_ids: jax.Array, valid: jax.Array) -> jax.Array:
-    """ids_PN, valid_PN -> int32 [P]: the sample index of the winner's first occurrence
-    (0 for a prompt with no valid answer: check the votes of `majority_vote`)."""
-    _check(answer_ids, valid)
-    return _vote(jnp.asarray(answer_ids, jnp.int32), jnp.asarray(valid, bool))[0]
-
-
 def vote_share(answer_ids: jax.Array, valid: jax.Array, *, of_valid: bool = False) -> jax.Array:
     """float32 [P]: the winner's votes over the number of samples N (default: samples without
     an answer count against agreement), or over the valid samples when `of_valid` (0 when
@@ -109,20 +103,6 @@ def vote_share(answer_ids: jax.Array, valid: jax.Array, *, of_valid: bool = Fals
     _, _, votes_P = _vote(jnp.asarray(answer_ids, jnp.int32), valid)
     total_P = valid.sum(-1) if of_valid else jnp.full(votes_P.shape, valid.shape[1])
     return jnp.where(total_P > 0, votes_P / jnp.maximum(total_P, 1), 0.0).astype(jnp.float32)
-
-
-def agrees_with_majority(
-    answer_ids: jax.Array, valid: jax.Array, target_ids: jax.Array, target_valid: jax.Array
-) -> jax.Array:
-    """bool [P]: the majority answer of ids_PN equals target_ids_P (both valid). Answer
-    consistency of CoT-Self-Instruct: targets are the generated answers, hashed with the
-    same `vocab` as the samples."""
-    _check(answer_ids, valid)
-    if np.shape(target_ids) != np.shape(answer_ids)[:1] or np.shape(target_valid) != np.shape(target_ids):
-        raise ValueError(f"target_ids/target_valid: expected shape {np.shape(answer_ids)[:1]}, got "
-                         f"{np.shape(target_ids)} and {np.shape(target_valid)}")
-    winner_P, votes_P = majority_vote(answer_ids, valid)
-    return (votes_P > 0) & jnp.asarray(target_valid, bool) & (winner_P == jnp.asarray(target_ids, jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames="k")

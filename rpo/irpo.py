@@ -1,13 +1,13 @@
 """The Iterative RPO loop (Pang et al. 2024) and its baselines, as resumable stages.
 
-  M_0 = model.path, or an SFT warm start on the gold solutions (init.steps > 0)
+  M_0 = model.path, or an SFT warm start on the gold solutions (init.num_steps > 0)
   for t = 1..T:  sample N per train prompt from M_{t-1} at temperature_t -> reward each
                  -> K (correct, incorrect) pairs per prompt -> reference log-probs under M_{t-1}
                  -> train M_t from M_{t-1} with DPO + NLL -> evaluate M_t (greedy, maj@k)
 
 irpo.method picks what each iteration trains on, so the paper's baselines are configs:
   irpo      pairs, loss.kind dpo_nll (alpha = 0 is "DPO without NLL")
-  star      SFT on the model's own correct samples (one per prompt and distinct answer text)
+  star      SFT on the model's own correct, finished samples (each distinct completion once)
   sft_gold  SFT on the gold solutions (no sampling)
 and irpo.iterations = 0 evaluates M_0 only (zero-shot, or the SFT warm start).
 
@@ -18,13 +18,14 @@ sampling from its last finished chunk):
   data/{train,test}.jsonl     prompts (text and ids), gold answers and gold responses
   tokenizer/                  the tokenizer (saved into every model directory too)
   iter0/train/                the warm start's training phase (checkpoints/, metrics.jsonl, final/)
-  iter<t>/samples/part-*.jsonl  N samples per train prompt with answer and reward
-  iter<t>/pairs.jsonl, pairs_stats.json   preference pairs (with reference log-probs)
+  iter<t>/samples/part-*.jsonl  N samples per train prompt of the iteration, with answer and reward
+  iter<t>/pairs.jsonl, pairs_stats.json   preference pairs (with reference log-probs and texts)
   iter<t>/sft.jsonl           the SFT rows (star, sft_gold)
   iter<t>/train/final/        M_t as an HF directory (with the tokenizer): loads in transformers
-  iter<t>/eval.json, eval_samples.jsonl   test metrics, and each test prompt's greedy answer
+  iter<t>/eval.json   test metrics; eval_greedy/ and eval_samples/ hold every scored completion
   results.json, accuracy.png  one row per iteration; the accuracy plot
-  metrics.jsonl, events.out.tfevents.*    every scalar, as JSON lines and for TensorBoard
+  metrics.jsonl, events.out.tfevents.*    per-iteration scalars, as JSON lines and for TensorBoard
+                              (each training phase logs its steps the same way in iter<t>/train/)
 
 Config fields: see configs/arith_tiny.py, which sets every one of them.
 """
@@ -58,8 +59,9 @@ def _read_jsonl(path: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 
 METHODS = ("irpo", "star", "sft_gold")
-# Fields that may change between runs in the same workdir (extending a finished run).
-_MUTABLE = ("irpo.iterations", "workdir")
+# Fields that may change between runs in the same workdir (extending a finished run; the
+# temperatures of the iterations already run must stay).
+_MUTABLE = ("irpo.iterations", "irpo.temperatures", "workdir")
 
 
 def check_config(cfg) -> None:
@@ -73,6 +75,8 @@ def check_config(cfg) -> None:
         bad("irpo.iterations", f"must be an int >= 0, got {i.iterations!r}")
     if len(i.temperatures) < i.iterations:
         bad("irpo.temperatures", f"{len(i.temperatures)} values for {i.iterations} iterations")
+    if not isinstance(i.prompts_per_iteration, int) or i.prompts_per_iteration < 0:
+        bad("irpo.prompts_per_iteration", f"must be an int >= 0 (0: all), got {i.prompts_per_iteration!r}")
     for field, value in (("irpo.samples_per_prompt", i.samples_per_prompt), ("irpo.pairs_per_prompt", i.pairs_per_prompt),
                          ("irpo.max_new_tokens", i.max_new_tokens), ("irpo.chunk_prompts", i.chunk_prompts),
                          ("eval.max_new_tokens", cfg.eval.max_new_tokens), ("eval.maj_k", cfg.eval.maj_k),
@@ -85,29 +89,43 @@ def check_config(cfg) -> None:
         bad("train.loss.kind", "'sft' does not train on pairs (irpo.method='irpo')")
     if i.method != "irpo" and cfg.train.loss.kind != "sft":
         bad("train.loss.kind", f"irpo.method={i.method!r} trains by SFT: set it to 'sft'")
-    if cfg.init.num_steps and not cfg.model.path and cfg.init.num_steps < 1:
-        bad("init.steps", "must be >= 0")
-    if not cfg.model.path and not cfg.init.num_steps and i.iterations:
-        _log("warning: M_0 is a random model (model.path empty, init.steps 0)")
+    if not isinstance(cfg.init.num_steps, int) or cfg.init.num_steps < 0:
+        bad("init.num_steps", f"must be an int >= 0, got {cfg.init.num_steps!r}")
+    if not cfg.model.path and not cfg.init.num_steps:
+        bad("init.num_steps", "0 (no warm start) needs model.path: M_0 would be a random model")
+    if cfg.eval.maj_k < 2:
+        bad("eval.maj_k", f"must be >= 2 (a majority of one sample is the sample), got {cfg.eval.maj_k}")
 
 
 def _check_same_run(cfg, workdir: str) -> None:
-    """A workdir holds one experiment: refuse to resume it with a different config."""
+    """A workdir holds one experiment: refuse to resume it with a different config. The
+    config is recorded once the run's data is prepared (a run that failed on a bad field
+    before that can be rerun with the field fixed)."""
     path = os.path.join(workdir, "irpo_config.json")
     mine = json.loads(cfg.to_json_best_effort())
-    for field in _MUTABLE:
-        head, _, leaf = field.rpartition(".")
-        (mine[head] if head else mine).pop(leaf, None)
     if os.path.exists(path):
         theirs = json.load(open(path))
-        diff = _first_diff(mine, theirs)
+        done = min(len(theirs["irpo"]["temperatures"]), len(mine["irpo"]["temperatures"]),
+                   max(theirs["irpo"]["iterations"], 0))
+        if mine["irpo"]["temperatures"][:done] != theirs["irpo"]["temperatures"][:done]:
+            diff = "irpo.temperatures"
+        else:
+            diff = _first_diff(_stable(mine), _stable(theirs))
         if diff is not None:
             raise ValueError(
                 f"{workdir} holds a run of another config (field {diff} differs from {path}); "
                 f"resume with the same config or use a new --workdir"
             )
-    else:
+    elif os.path.isdir(os.path.join(workdir, "data")):
         files.write_json(path, mine)
+
+
+def _stable(cfg_dict: dict) -> dict:
+    out = json.loads(json.dumps(cfg_dict))
+    for field in _MUTABLE:
+        head, _, leaf = field.rpartition(".")
+        (out[head] if head else out).pop(leaf, None)
+    return out
 
 
 def _first_diff(a, b, prefix=""):
@@ -160,15 +178,13 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
     answer in the model's context is an error, or (data.long_prompts='skip') skipped and counted."""
     out = {}
     os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
-    for split, limit in (("train", cfg.data.num_train), ("test", cfg.data.num_test)):
+    for split in ("train", "test"):
         path = os.path.join(workdir, "data", f"{split}.jsonl")
         if os.path.exists(path):
             out[split] = _read_jsonl(path)
             continue
         examples = task.load(split)
-        if limit:
-            examples = examples[:limit]
-        rows, skipped, long_targets = [], [], 0
+        rows, skipped, long_targets, unreachable = [], [], 0, 0
         room = max(cfg.irpo.max_new_tokens, cfg.eval.max_new_tokens)
         for ex in examples:
             prompt = _prompt_text(cfg, task, tokenizer, ex)
@@ -186,6 +202,8 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
                 target_ids = _encode(tokenizer, target, False) + [tokenizer.eos_token_id]
                 if len(prompt_ids) + len(target_ids) > cfg.seq_len:  # no gold response to train on
                     target, long_targets = None, long_targets + 1
+                elif len(target_ids) > cfg.irpo.max_new_tokens:  # sampling can never write it
+                    unreachable += 1
             row = {"uid": ex.uid, "prompt": prompt, "prompt_ids": prompt_ids, "answer": ex.answer,
                    "question": ex.question, "solution": ex.solution, "choices": [list(c) for c in ex.choices]}
             if target is not None:
@@ -197,11 +215,18 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
         if long_targets:
             _log(f"{split}: {long_targets} gold responses do not fit seq_len={cfg.seq_len} with their prompt: "
                  f"not trained on")
+        if unreachable:
+            _log(f"{split}: warning: {unreachable} gold responses are longer than irpo.max_new_tokens="
+                 f"{cfg.irpo.max_new_tokens}: samples of that length are cut off")
+        bad_rows = list(getattr(task, "skipped_rows", {}).get(split, []))
+        if bad_rows:
+            _log(f"{split}: {len(bad_rows)} malformed dataset rows skipped (first: {bad_rows[0]})")
         if not rows:
             raise ValueError(f"task {task.name}: the {split} split has no usable rows")
         files.write_json(os.path.join(workdir, "data", f"{split}_stats.json"),
                          {"rows": len(rows), "skipped_long_prompts": len(skipped), "skipped_uids": skipped[:100],
-                          "gold_too_long_for_seq_len": long_targets})
+                          "gold_too_long_for_seq_len": long_targets, "gold_longer_than_max_new_tokens": unreachable,
+                          "skipped_bad_rows": len(bad_rows), "bad_rows": bad_rows[:100]})
         files.write_jsonl(path, rows)
         _log(f"{split}: {len(rows)} prompts -> {path}")
         out[split] = rows
@@ -225,7 +250,7 @@ class Models:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.rules = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in cfg.sharding_rules)
+        self.rules = sharding.rules_from_config(cfg.sharding_rules)
         self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
 
     def load(self, path: str):
@@ -254,14 +279,17 @@ def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out
     todo = [k for k, p in enumerate(parts) if not os.path.exists(p)]
     if todo:
         model_config, params = models.load(model_path)
+        eos = sorted(set(model_config.eos_token_ids) | ({tokenizer.eos_token_id} - {None}))
+        if not eos:
+            raise ValueError(f"{model_path}: neither the model config nor the tokenizer names an EOS token")
         bar = report.progress(desc=desc, total=len(rows) * n, unit="samples")
         bar.update(n * sum(min(chunk, len(rows) - starts[k]) for k in range(len(starts)) if k not in todo))
         for k in todo:
             block = rows[starts[k]: starts[k] + chunk]
             out = sampling.generate(
                 model_config, params, [r["prompt_ids"] for r in block], n=n, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=[tokenizer.eos_token_id],
-                seed=seed + starts[k], mesh=models.mesh, rules=models.rules, progress=False,
+                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos, stop=list(task.stop),
+                tokenizer=tokenizer, seed=seed + starts[k], mesh=models.mesh, rules=models.rules, progress=False,
             )
             texts = tokenizer.batch_decode([t for per in out.tokens for t in per], skip_special_tokens=True)
             examples = [ex for ex in _examples(block) for _ in range(n)]
@@ -281,13 +309,14 @@ def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out
     return [s for p in parts for s in _read_jsonl(p)]
 
 
-def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str, cfg) -> dict:
-    """Greedy accuracy, maj@k and pass@k on the test rows; it_dir/eval.json."""
+def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str, cfg) -> tuple[dict, bool]:
+    """Greedy accuracy, maj@k and pass@k on the test rows, written to it_dir/eval.json.
+    Returns (metrics, whether they were computed now rather than read back)."""
     from rpo import consistency
 
     path = os.path.join(it_dir, "eval.json")
     if os.path.exists(path):
-        return json.load(open(path))
+        return json.load(open(path)), False
     e = cfg.eval
     common = dict(top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens, chunk=e.chunk_prompts,
                   seed=cfg.seed + 7919)
@@ -309,7 +338,7 @@ def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str
         })
     metrics["test_prompts"] = len(rows)
     files.write_json(path, metrics)
-    return metrics
+    return metrics, True
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,8 +363,7 @@ def _phase_config(cfg, block, *, model_path: str, train_path: str, kind: str):
     return p
 
 
-def train_phase(cfg, block, *, model_path: str, train_path: str, kind: str, out_dir: str, tokenizer, log,
-                step_offset: int, desc: str) -> str:
+def train_phase(cfg, block, *, model_path: str, train_path: str, kind: str, out_dir: str, tokenizer, desc: str) -> str:
     """Runs (or resumes) one rpo.train phase into out_dir; returns the HF directory of the result."""
     from rpo import report, train
 
@@ -348,7 +376,6 @@ def train_phase(cfg, block, *, model_path: str, train_path: str, kind: str, out_
     def on_step(step, metrics):
         bar.set_postfix(loss=f"{float(metrics['loss']):.4g}", refresh=False)
         bar.update(step - bar.n)
-        log.log(step_offset + step, metrics, split="train")
 
     train.run(pcfg, out_dir, on_step=on_step, echo=False)
     bar.close()
@@ -357,16 +384,20 @@ def train_phase(cfg, block, *, model_path: str, train_path: str, kind: str, out_
     return final
 
 
-def add_reference(models: Models, model_path: str, pair_rows: list[dict], out_path: str, cfg) -> list[dict]:
+def add_reference(models: Models, model_path: str, pair_rows: list[dict], out_path: str, cfg, desc: str) -> list[dict]:
     """Reference log-probs of each pair under M_{t-1} (the model the pairs were sampled from)."""
     from rpo import train
 
+    from rpo import report
+
     model_config, params = models.load(model_path)
     t = cfg.train
-    return train.add_reference_logps(
-        model_config, params, pair_rows, out_path, batch_size=t.batch_size // t.grad_accum, seq_len=cfg.seq_len,
-        pad_id=cfg.data.pad_id, truncate=False, chunk_size=t.loss.chunk_size, mesh=models.mesh, rules=models.rules,
-    )
+    with report.progress(desc=desc, total=len(pair_rows), unit="pairs") as bar:
+        return train.add_reference_logps(
+            model_config, params, pair_rows, out_path, batch_size=t.batch_size // t.grad_accum, seq_len=cfg.seq_len,
+            pad_id=cfg.data.pad_id, truncate=False, chunk_size=t.loss.chunk_size, mesh=models.mesh,
+            rules=models.rules, on_batch=bar.update,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,16 +405,33 @@ def add_reference(models: Models, model_path: str, pair_rows: list[dict], out_pa
 # ---------------------------------------------------------------------------------------
 
 
+def iteration_prompts(cfg, t: int, train_rows: list[dict]) -> list[dict]:
+    """The train prompts of iteration t: all of them, or irpo.prompts_per_iteration drawn
+    without replacement by a seeded permutation (fresh prompts each iteration until the
+    split runs out, then the next pass)."""
+    per = cfg.irpo.prompts_per_iteration
+    if not per or per >= len(train_rows):
+        return train_rows
+    order = np.random.default_rng([cfg.seed, 17]).permutation(len(train_rows))
+    take = [(t - 1) * per + k for k in range(per)]
+    return [train_rows[int(order[k % len(order)])] for k in sorted(take)]
+
+
 def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer, train_rows) -> tuple[str, str, dict]:
     """Builds iteration t's training file; returns (path, data kind, stats)."""
     from rpo import pairs as pairs_lib
 
     i = cfg.irpo
+    train_rows = iteration_prompts(cfg, t, train_rows)
     if i.method == "sft_gold":
         path = os.path.join(it_dir, "sft.jsonl")
         if not os.path.exists(path):
-            files.write_jsonl(path, ({"prompt_ids": r["prompt_ids"], "response_ids": r["target_ids"], "uid": r["uid"]}
-                                     for r in train_rows if "target_ids" in r))
+            rows = [{"prompt_ids": r["prompt_ids"], "response_ids": r["target_ids"], "uid": r["uid"]}
+                    for r in train_rows if "target_ids" in r]
+            if not rows:
+                raise ValueError(f"irpo.method='sft_gold': task {task.name} has no gold response that fits seq_len="
+                                 f"{cfg.seq_len} (see data/train_stats.json)")
+            files.write_jsonl(path, rows)
         return path, "sft", {}
 
     samples = sample_and_score(
@@ -391,18 +439,22 @@ def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer
         temperature=i.temperatures[t - 1], top_p=i.top_p, top_k=i.top_k, max_new_tokens=i.max_new_tokens,
         chunk=i.chunk_prompts, seed=cfg.seed + 1_000_003 * t, desc=f"iter{t} sample",
     )
-    stats = {"train_sample_accuracy": float(np.mean([s["correct"] for s in samples]))}
+    # A winner must be correct and finished: a correct answer followed by text cut off at
+    # max_new_tokens is not a response to reinforce.
+    for s in samples:
+        s["winner"] = s["correct"] and s["finish_reason"] != "length"
+    stats = {"train_sample_accuracy": float(np.mean([s["correct"] for s in samples])),
+             "correct_but_cut_off": sum(s["correct"] and not s["winner"] for s in samples)}
     if i.method == "star":
         path = os.path.join(it_dir, "sft.jsonl")
         if not os.path.exists(path):
             seen, rows = set(), []
             for s in samples:
-                key = (s["prompt_index"], s["text"])
-                if s["correct"] and key not in seen:
+                key = (s["prompt_index"], tuple(s["completion_ids"]))
+                if s["winner"] and key not in seen:
                     seen.add(key)
                     r = train_rows[s["prompt_index"]]
-                    if len(r["prompt_ids"]) + len(s["completion_ids"]) <= cfg.seq_len:
-                        rows.append({"prompt_ids": r["prompt_ids"], "response_ids": s["completion_ids"], "uid": r["uid"]})
+                    rows.append({"prompt_ids": r["prompt_ids"], "response_ids": s["completion_ids"], "uid": r["uid"]})
             if not rows:
                 raise RuntimeError(f"iteration {t}: no correct sample to train on (star)")
             files.write_jsonl(path, rows)
@@ -415,19 +467,20 @@ def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer
         by_prompt = [[] for _ in train_rows]
         for s in samples:
             by_prompt[s["prompt_index"]].append(
-                pairs_lib.Sample(s["completion_ids"], s["correct"], valid=s["answer"] is not None))
+                pairs_lib.Sample(s["completion_ids"], s["winner"], valid=s["answer"] is not None, text=s["text"]))
         prompts = [pairs_lib.PromptSamples(r["prompt_ids"], by_prompt[n], uid=r["uid"],
-                                           gold=pairs_lib.Sample(r["target_ids"], True) if "target_ids" in r else None)
+                                           gold=pairs_lib.Sample(r["target_ids"], True, text=r["target"])
+                                           if "target_ids" in r else None)
                    for n, r in enumerate(train_rows)]
         rows, pstats = pairs_lib.build_pairs(
-            prompts, pairs_per_prompt=i.pairs_per_prompt, add_gold=i.add_gold, max_len=cfg.seq_len,
-            max_pairs=i.max_pairs or None, seed=cfg.seed + t,
+            prompts, pairs_per_prompt=i.pairs_per_prompt, repeat=not i.distinct_pairs, add_gold=i.add_gold,
+            max_len=cfg.seq_len, max_pairs=i.max_pairs or None, seed=cfg.seed + t, with_text=True,
         )
         if not rows:
             raise RuntimeError(f"iteration {t}: no preference pairs ({pstats}); every prompt was all-correct or all-wrong")
         _log(f"iter{t} pairs: " + ", ".join(f"{k}={v}" for k, v in pstats.items()))
-        add_reference(models, prev, rows, path, cfg)
-        files.write_json(stats_path, pstats)
+        files.write_json(stats_path, pstats)  # before pairs.jsonl, whose presence marks the stage done
+        add_reference(models, prev, rows, path, cfg, desc=f"iter{t} reference log-probs")
     pstats = json.load(open(stats_path))
     stats.update({k: pstats[k] for k in _PAIR_STATS})
     return path, "pairs", stats
@@ -435,7 +488,7 @@ def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer
 
 # The pair counts copied into results.json (pairs_stats.json has them all).
 _PAIR_STATS = ("pairs", "prompts_paired", "prompts_all_correct", "prompts_all_wrong", "prompts_no_valid",
-               "pairs_too_long")
+               "prompts_dropped", "prompts_gold_added", "pairs_too_long")
 
 
 def run(cfg, workdir: str) -> list[dict]:
@@ -452,8 +505,9 @@ def run(cfg, workdir: str) -> list[dict]:
     if not cfg.model.path and len(tokenizer) > cfg.model.random.vocab_size:
         raise ValueError(f"config field model.random.vocab_size: {cfg.model.random.vocab_size} < the tokenizer's "
                          f"{len(tokenizer)} tokens")
-    context = cfg.seq_len
+    context = _context(cfg)
     data = prepare_data(cfg, task, tokenizer, workdir, context)
+    _check_same_run(cfg, workdir)  # records the config on the first run
     _save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
     log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     results_path = os.path.join(workdir, "results.json")
@@ -473,28 +527,40 @@ def run(cfg, workdir: str) -> list[dict]:
                                      f"fits with it (see data/train_stats.json); the warm start has nothing to train on")
                 files.write_jsonl(sft_path, gold)
             model_path = train_phase(cfg, cfg.init, model_path=cfg.model.path, train_path=sft_path, kind="sft",
-                                     out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer, log=log,
-                                     step_offset=0, desc="iter0 warm start (SFT on gold)")
-        elif not model_path:
-            raise ValueError("config fields model.path / init.steps: M_0 needs a checkpoint or a warm start")
+                                     out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
+                                     desc="iter0 warm start (SFT on gold)")
         step = cfg.init.num_steps
-        results.append({"iteration": 0, **evaluate(models, model_path, task, tokenizer, data["test"], it_dir, cfg)})
-        _record(log, results, results_path, workdir)
+        metrics, fresh = evaluate(models, model_path, task, tokenizer, data["test"], it_dir, cfg)
+        results.append({"iteration": 0, **metrics, "train_steps": step})
+        _record(log if fresh else None, results, results_path, workdir)
 
         for t in range(1, cfg.irpo.iterations + 1):
             it_dir = os.path.join(workdir, f"iter{t}")
             os.makedirs(it_dir, exist_ok=True)
             path, kind, stats = _iteration_data(cfg, t, it_dir, model_path, models, task, tokenizer, data["train"])
             model_path = train_phase(cfg, cfg.train, model_path=model_path, train_path=path, kind=kind,
-                                     out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer, log=log,
-                                     step_offset=step, desc=f"iter{t} train ({cfg.irpo.method})")
+                                     out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
+                                     desc=f"iter{t} train ({cfg.irpo.method})")
             step += cfg.train.num_steps
-            metrics = evaluate(models, model_path, task, tokenizer, data["test"], it_dir, cfg)
+            metrics, fresh = evaluate(models, model_path, task, tokenizer, data["test"], it_dir, cfg)
             results.append({"iteration": t, **metrics, **stats, "train_steps": step})
-            _record(log, results, results_path, workdir)
+            _record(log if fresh else None, results, results_path, workdir)
     finally:
         log.close()
     return results
+
+
+def _context(cfg) -> int:
+    """seq_len, checked against the model's own context."""
+    if cfg.model.path:
+        from rpo.models.config import load_config
+
+        limit, where = load_config(cfg.model.path).max_position_embeddings, f"{cfg.model.path}/config.json"
+    else:
+        limit, where = cfg.model.random.max_position_embeddings, "model.random.max_position_embeddings"
+    if cfg.seq_len > limit:
+        raise ValueError(f"config field seq_len={cfg.seq_len}: longer than the model's context ({limit}, {where})")
+    return cfg.seq_len
 
 
 def _save_tokenizer(tokenizer, path: str) -> None:
@@ -510,8 +576,9 @@ def _record(log, results, path, workdir) -> None:
     from rpo import report
 
     row = results[-1]
-    log.log(row["iteration"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"},
-            split="iteration")
+    if log is not None:
+        log.log(row["iteration"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"},
+                split="iteration")
     report.write_results(path, results)
     report.plot_results(results, os.path.join(workdir, "accuracy.png"))
     _log("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)

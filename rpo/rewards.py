@@ -6,7 +6,8 @@ Extraction. A completion's answer is read in one of two modes:
   flexible  that format first, then fallbacks: another marker ("Final answer:", "The answer is",
             \\boxed{}, "####"), then the last number in the text (GSM8K, MATH) or the last "(X)" (ARC).
 Every `*_answer` function returns the answer already normalised (None when there is none), so
-majority votes can hash the strings.
+majority votes can hash the strings. A task scores by extracting each answer once and comparing it
+with the normalised gold (gsm8k_gold, arc_gold; MATH: math_score, which also settles equivalence).
 
 Normal forms.
   GSM8K  a number: "1,000", "$18", "18.0", "18%", "3/4" -> "1000", "18", "18", "18", "0.75";
@@ -214,14 +215,19 @@ def gsm8k_answer(completion: str, strict: bool = False) -> str | None:
 
 
 def gsm8k_correct(completion: str, gold: str, strict: bool = False) -> bool:
-    """Whether the completion's answer equals the gold: a GSM8K answer field ("... #### 18") or a
-    bare number ("18", "1,000"). Numbers compare by value after normalisation ("18.0" == "18")."""
-    return gsm8k_answer(completion, strict) == gsm8k_gold(gold)
+    """Whether a completion's answer equals the gold one. gold: a GSM8K answer field
+    ("... #### 18") or a bare number ("18", "1,000")."""
+    answer = gsm8k_answer(completion, strict)
+    return answer is not None and answer == gsm8k_gold(gold)
 
 
 # ----------------------------------------------------------------------------- ARC
 
-_ARC_LEAD_RE = re.compile(r"^(?i:option|choice)?\s*[(\[]?([A-E])(?![A-Za-z0-9'])")
+# The leading letter of an answer line: "(B)" / "[B]", "Option B", or a bare letter followed by ')', '.', ':', ','
+# or the end ("B) ice", "B."), not by a word ("A cell wall, which is (C)" is not an answer A).
+_ARC_LEAD_RE = re.compile(
+    r"^(?:[(\[]([A-E])[)\]]|(?i:option|choice)\s*:?\s*[(\[]?([A-E])(?![A-Za-z0-9'])|([A-E])(?=[).:,]|\s*$))"
+)
 _ARC_PAREN_RE = re.compile(r"\(([A-E])\)")
 _ARC_IS_RE = re.compile(
     r"(?i:answer|option|choice)\s+(?i:is)\s*:?\s*(?i:option\s+|choice\s+)?[(\[]?([A-E])(?![A-Za-z0-9'])"
@@ -229,13 +235,16 @@ _ARC_IS_RE = re.compile(
 
 
 def _arc_letter(text: str) -> str | None:
-    """The choice letter of an answer line: leading "B" / "(B)" / "B)" / "B." / "Option B", else
-    "answer is B", else the last "(B)", else \\boxed{B}."""
-    text = text.strip().strip("*").strip()
-    for pattern, pick in ((_ARC_LEAD_RE, 0), (_ARC_IS_RE, -1), (_ARC_PAREN_RE, -1)):
+    """The choice letter of an answer line (markdown '*' ignored): leading "(B)" / "B)" / "B." / "B" / "Option B",
+    else "answer is B", else the last "(B)", else \\boxed{B}."""
+    text = text.replace("*", "").strip()
+    lead = _ARC_LEAD_RE.match(text)
+    if lead:
+        return next(letter for letter in lead.groups() if letter)
+    for pattern in (_ARC_IS_RE, _ARC_PAREN_RE):
         found = pattern.findall(text)
         if found:
-            return found[pick].upper()
+            return found[-1]
     boxed = extract_boxed(text)
     if boxed is not None and re.fullmatch(r"\(?([A-E])\)?", boxed.strip()):
         return boxed.strip("() ")
@@ -263,12 +272,12 @@ def arc_answer(completion: str, strict: bool = False) -> str | None:
     return m.group(1) if m else None
 
 
-def arc_correct(completion: str, gold_letter: str, strict: bool = False) -> bool:
-    """Whether the completion's letter is the gold one ("B" or "(B)"; ValueError for anything else)."""
+def arc_gold(gold_letter: str) -> str:
+    """The upper-case gold letter of "B", "b" or "(B)"; ValueError naming the value for anything else."""
     m = re.fullmatch(r"\s*\(?([A-Ea-e])\)?\s*", gold_letter)
     if m is None:
         raise ValueError(f"ARC gold letter {gold_letter!r}: not one of A-E")
-    return arc_answer(completion, strict) == m.group(1).upper()
+    return m.group(1).upper()
 
 
 # ----------------------------------------------------------------------------- MATH normalisation
@@ -513,12 +522,6 @@ def math_equiv_batch(pairs: Sequence[tuple[str, str]], timeout: float = 5.0) -> 
             while len(_cache) > _CACHE_SIZE:
                 _cache.popitem(last=False)
     return out
-
-
-def math_correct(completion: str, gold: str, timeout: float = 5.0, strict: bool = False) -> bool:
-    """Whether the completion's answer (math_answer) equals the gold final answer (raw LaTeX)."""
-    answer = math_answer(completion, strict)
-    return answer is not None and math_equiv_batch([(answer, gold)], timeout)[0]
 
 
 def math_score(

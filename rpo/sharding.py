@@ -33,6 +33,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def rules_from_config(rules) -> tuple:
+    """A config's sharding_rules (lists after a JSON round trip) as the tuple table above."""
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
     """A data x fsdp x tensor mesh; one size may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)

@@ -363,10 +363,11 @@ def make_logps_fn(model_config: ModelConfig, mesh, rules, example_batch: Batch, 
 def add_reference_logps(
     model_config: ModelConfig, params: Params, rows: list[dict], out_path: str, *, batch_size: int, seq_len: int,
     pad_id: int, truncate: bool, chunk_size: int, mesh=None, rules=sharding.DEFAULT_RULES,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> list[dict]:
     """Computes the reference model's summed response log-probs of every pair by one jitted
     pass, sets 'ref_chosen_logp' / 'ref_rejected_logp' on the rows, and writes them to
-    `out_path` atomically. Returns the rows."""
+    `out_path` atomically. Returns the rows. on_batch(rows done in the batch): progress."""
     mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     example = make_batch([], "pairs", batch_size, seq_len=seq_len, pad_id=pad_id, truncate=truncate)
     fn = make_logps_fn(model_config, mesh, rules, example, chunk_size=chunk_size)
@@ -376,6 +377,8 @@ def add_reference_logps(
         logp_BP, _ = jax.device_get(fn(params, batch))
         for row, (c, r) in zip(chunk, logp_BP[: len(chunk)]):
             row[_REF[0]], row[_REF[1]] = float(c), float(r)
+        if on_batch is not None:
+            on_batch(len(chunk))
     files.write_jsonl(out_path, ({k: v for k, v in row.items() if not k.startswith("_")} for row in rows))
     return rows
 
@@ -423,7 +426,7 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
     """
     _check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
-    rules = tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in cfg.sharding_rules)
+    rules = sharding.rules_from_config(cfg.sharding_rules)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     # Streamed straight into the training shardings: the host never holds the whole model.
     model_config, params = load_model(cfg.model, shardings_for=lambda c: sharding.param_shardings(c, mesh, rules))

@@ -46,11 +46,9 @@ def _random_votes(seed, p=48, n=12, distinct=3):
 def test_majority_vote_matches_counter_with_ties_and_empty_rows(seed, distinct):
     ids, valid = _random_votes(seed, distinct=distinct)
     winner, votes = C.majority_vote(ids, valid)
-    index = C.majority_index(ids, valid)
     ref = [_ref_vote(a, v) for a, v in zip(ids, valid)]
     np.testing.assert_array_equal(winner, [r[0] for r in ref])
     np.testing.assert_array_equal(votes, [r[1] for r in ref])
-    np.testing.assert_array_equal(index, [r[2] for r in ref])
     assert winner.dtype == np.int32 and votes.dtype == np.int32
     assert (np.asarray(winner)[:4] == C.NO_ANSWER).all() and (np.asarray(votes)[:4] == 0).all()
     assert int(winner[5]) == 0 and int(winner[6]) == 1  # ties go to the earliest first occurrence
@@ -84,21 +82,12 @@ def test_string_majority_equals_counter_most_common():
         assert (names.get(int(winner[p])) if votes[p] else None, int(votes[p])) == expect, row
 
 
-def test_vote_share_and_agreement():
+def test_vote_share():
     ids, valid = _random_votes(4, p=20, n=10)
     _, votes = C.majority_vote(ids, valid)
     np.testing.assert_allclose(C.vote_share(ids, valid), np.asarray(votes) / 10)
     per_valid = np.where(valid.sum(1) > 0, np.asarray(votes) / np.maximum(valid.sum(1), 1), 0)
     np.testing.assert_allclose(C.vote_share(ids, valid, of_valid=True), per_valid, rtol=1e-6)
-
-    answers = [["4", "4", "5"], ["4", "5", "5"], [None, None, None], ["9", "9", "9"]]
-    vocab: dict[str, int] = {}
-    ids, valid = C.answer_ids(answers, vocab)
-    target, target_valid = C.answer_ids([["4"], ["4"], ["4"], [None]], vocab)
-    agrees = C.agrees_with_majority(ids, valid, target[:, 0], target_valid[:, 0])
-    np.testing.assert_array_equal(agrees, [True, False, False, False])
-    with pytest.raises(ValueError, match="target_ids"):
-        C.agrees_with_majority(ids, valid, target[:2, 0], target_valid[:2, 0])
 
 
 @pytest.mark.parametrize("k", [1, 4, 12])

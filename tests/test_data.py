@@ -21,8 +21,11 @@ import pytest
 from rpo.data import Example, get_task
 from rpo.data import arc as arc_lib
 from rpo.data import gsm8k as gsm8k_lib
+from rpo.data import math as math_lib
+from rpo.data import tfds_util
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
+CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
 def config(name: str, src: Path, tmp_path: Path, **overrides) -> ml_collections.ConfigDict:
@@ -44,6 +47,10 @@ def append(path: Path, line: str) -> int:
     text = path.read_text()
     path.write_text(text + line + "\n")
     return text.count("\n") + 1
+
+
+def not_prepared_again(*args):
+    raise AssertionError("prepared again")
 
 
 # GSM8K
@@ -74,11 +81,7 @@ def test_gsm8k_reuses_prepared_data_and_reprepares_when_a_source_changes(tmp_pat
     src = source("gsm8k", tmp_path)
     cfg = config("gsm8k", src, tmp_path)
     first = gsm8k_lib.GSM8KTask(cfg).load("train")
-
-    def no_generation(self, path, split):
-        raise AssertionError("prepared again")
-
-    monkeypatch.setattr(gsm8k_lib.Gsm8kBuilder, "_generate_examples", no_generation)
+    monkeypatch.setattr(gsm8k_lib.Gsm8kBuilder, "_generate_examples", not_prepared_again)
     assert gsm8k_lib.GSM8KTask(cfg).load("train") == first
     append(src / "train.jsonl", (src / "test.jsonl").read_text().splitlines()[0])
     with pytest.raises(AssertionError, match="prepared again"):
@@ -103,7 +106,7 @@ def test_gsm8k_prompt_is_zero_shot_and_ends_in_the_answer_format(tmp_path):
         assert prompt.count(ex.question) == 1
         assert 'step by step reasoning before you answer' in prompt
         assert 'please use the format "Final answer: ..."' in prompt
-        assert prompt.endswith(f"Question: {ex.question}\n\nSolution:")
+        assert prompt.endswith(f"Question: {ex.question}\n\nSolution:\n")
 
 
 def test_gsm8k_target_drops_calculator_annotations(tmp_path):
@@ -134,15 +137,23 @@ def test_gsm8k_target_scores_correct(tmp_path):
         task.score(["a", "b"], examples[:1])
 
 
-def test_gsm8k_bad_row_names_file_and_line_or_is_skipped_and_counted(tmp_path):
+def test_gsm8k_bad_row_names_file_and_line_or_is_skipped_and_counted(tmp_path, monkeypatch):
     src = source("gsm8k", tmp_path)
     line = append(src / "train.jsonl", json.dumps({"question": "How many?", "answer": "Some reasoning, no marker."}))
     with pytest.raises(ValueError, match=re.escape(f"{src / 'train.jsonl'}:{line}: no '####' answer")):
         get_task(config("gsm8k", src, tmp_path)).load("train")
 
+    assert not tfds_util.preparing_marker(tmp_path / "tfds/rpo_gsm8k/1.0.0").exists()  # the failure left nothing
+
     task = get_task(config("gsm8k", src, tmp_path, skip_bad_rows=True))
     assert [ex.uid for ex in task.load("train")] == ["gsm8k/train/0", "gsm8k/train/1", "gsm8k/train/2"]
     assert len(task.skipped_rows["train"]) == 1 and f"train.jsonl:{line}:" in task.skipped_rows["train"][0]
+    # Reusing the prepared data gives the same skipped rows, read from the record.
+    monkeypatch.setattr(gsm8k_lib.Gsm8kBuilder, "_generate_examples", not_prepared_again)
+    reused = get_task(config("gsm8k", src, tmp_path, skip_bad_rows=True))
+    reused.load("train")
+    assert reused.skipped_rows == {"train": task.skipped_rows["train"]}
+    monkeypatch.undo()
     # The prepared data remembers the skipped row: loading it without the flag still fails loudly.
     with pytest.raises(ValueError, match=re.escape(f"train.jsonl:{line}:")):
         get_task(config("gsm8k", src, tmp_path)).load("train")
@@ -153,6 +164,72 @@ def test_gsm8k_malformed_json_line_is_a_bad_row(tmp_path):
     line = append(src / "test.jsonl", '{"question": "cut off')
     with pytest.raises(ValueError, match=re.escape(f"test.jsonl:{line}:")):
         get_task(config("gsm8k", src, tmp_path)).load("test")
+
+
+# Conventions every task follows
+
+
+def cut(completion: str, stop: tuple[str, ...]) -> str:
+    """The completion as the sampler returns it: the shortest prefix holding a stop string (kept)."""
+    ends = [completion.index(s) + len(s) for s in stop if s in completion]
+    return completion[: min(ends)] if ends else completion
+
+
+def right_answer(task, ex: Example) -> str:
+    return task.target(ex) or f"The options differ.\nFinal answer: ({ex.answer})"  # ARC has no gold text
+
+
+@pytest.mark.parametrize("name, split, block", [
+    ("gsm8k", "train", "Question:"), ("gsm8k", "train", "Your task"), ("math", "test", "Problem:"),
+    ("arc", "test", "Question:"), ("arc", "test", "Your task"),
+])
+def test_stop_strings_cut_the_next_problem_the_model_starts(tmp_path, name, split, block):
+    """A model that goes on with the prompt's pattern writes a blank line, the next problem from the prompt's
+    last `block` on (another example's), and solves it; the stop strings cut that off, so the first answer counts."""
+    pytest.importorskip("rpo.rewards")
+    task = get_task(config(name, source(name, tmp_path), tmp_path, strict=True))
+    assert isinstance(task.stop, tuple) and task.stop and all(isinstance(s, str) and s for s in task.stop)
+    examples = task.load(split)
+    pairs = [(ex, other) for ex in examples for other in examples if ex.answer != other.answer][:2]
+    assert pairs
+    for ex, other in pairs:
+        prompt = task.prompt(other)
+        continued = right_answer(task, ex) + "\n\n" + prompt[prompt.rindex(block):] + right_answer(task, other)
+        assert task.score([continued], [ex])[1] == [False]  # uncut, the next problem's answer is read
+        completion = cut(continued, task.stop)
+        assert other.question not in completion
+        assert task.score([completion], [ex])[1] == [True]
+
+
+@pytest.mark.parametrize("name, split", [("gsm8k", "train"), ("math", "test"), ("math", "train")])
+def test_prompt_ends_with_its_separator_and_target_follows_it(tmp_path, name, split):
+    task = get_task(config(name, source(name, tmp_path), tmp_path))
+    for ex in task.load(split):
+        prompt, target = task.prompt(ex), task.target(ex)
+        assert prompt.endswith("Solution:\n") and target == target.lstrip()
+        first_line = CALCULATOR.sub("", ex.solution).split("\n")[0]
+        assert f"\n\nSolution:\n{first_line}" in prompt + target
+
+
+def test_template_without_final_newline_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "t.txt").write_text("Question: {question}\n\nSolution:")
+    monkeypatch.setattr(tfds_util, "TEMPLATES", tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 't.txt'}: the template must end with a newline")):
+        tfds_util.load_template("t", ("question",))
+
+
+@pytest.mark.parametrize("name, split", [("gsm8k", "train"), ("arc", "test")])
+def test_score_reads_each_answer_once(tmp_path, monkeypatch, name, split):
+    rewards = pytest.importorskip("rpo.rewards")
+    task = get_task(config(name, source(name, tmp_path), tmp_path))
+    examples = task.load(split)
+    extract = getattr(rewards, f"{name}_answer")
+    calls = []
+    monkeypatch.setattr(rewards, f"{name}_answer", lambda text, strict: calls.append(text) or extract(text, strict))
+    completions = [right_answer(task, ex) for ex in examples]
+    answers, correct = task.score(completions, examples)
+    assert calls == completions and correct == [True] * len(examples)
+    assert answers == [extract(c, False) for c in completions]
 
 
 # Missing files and config fields, every task
@@ -178,6 +255,20 @@ def test_bad_source_dir_and_split_are_refused(tmp_path):
         get_task(config("arc", tmp_path / "nowhere", tmp_path)).load("train")
     with pytest.raises(ValueError, match="no split 'validation'"):
         get_task(config("gsm8k", source("gsm8k", tmp_path), tmp_path)).load("validation")
+
+
+def test_data_left_by_an_interrupted_run_is_prepared_again(tmp_path):
+    src = source("gsm8k", tmp_path)
+    first = get_task(config("gsm8k", src, tmp_path)).load("train")
+    prepared = tmp_path / "tfds/rpo_gsm8k/1.0.0"
+    marker = tfds_util.preparing_marker(prepared)
+    assert marker.parent == prepared.parent and not marker.exists()  # beside the data; gone once recorded
+    # A run that died after TFDS finished but before rpo recorded it: our marker, no record, maybe partial files.
+    (prepared / "rpo_source.json").unlink()
+    (prepared / "rpo_gsm8k-train.array_record-00000-of-00001").write_bytes(b"cut off")
+    marker.write_text("{}")
+    assert get_task(config("gsm8k", src, tmp_path)).load("train") == first
+    assert (prepared / "rpo_source.json").exists() and not marker.exists()
 
 
 def test_data_rpo_did_not_prepare_is_never_overwritten(tmp_path):
@@ -225,9 +316,10 @@ def test_math_prompt_is_four_shot_boxed_and_target_is_the_solution(tmp_path):
     task = get_task(config("math", source("math", tmp_path), tmp_path))
     for ex in task.load("test"):
         prompt = task.prompt(ex)
-        assert prompt.endswith(f"Problem:\n{ex.question}\n\nSolution:")
-        shots = prompt[: -len(ex.question)]
+        assert prompt.endswith(f"Problem:\n{ex.question}\n\nSolution:\n")
+        shots = prompt[: prompt.rindex(ex.question)]
         assert shots.count("Problem:\n") == 5 and shots.count("\\boxed{") == 5  # 4 worked examples + the instruction
+        assert prompt.count("Solution:") == prompt.count("\n\nSolution:\n") == 5  # the examples read as the target
         assert task.target(ex) == ex.solution and "\\boxed{" in task.target(ex)
     no_box = Example("math/test/9", "q", "7", "The answer is seven.")
     assert task.target(no_box) is None
@@ -242,6 +334,17 @@ def test_math_target_scores_correct(tmp_path):
     assert all(a is not None for a in answers)
     answers, correct = task.score(["So the answer is $\\boxed{12345}$.", "no answer here"], examples[:2])
     assert correct == [False, False] and answers[1] is None
+
+
+def test_math_prm800k_spelling_splits_at_the_last_trailer():
+    row = math_lib.parse_row({"question": "q", "answer": "We get 2+3=5. The answer is: 5"})
+    assert (row["question"], row["solution"], row["answer"]) == ("q", "We get 2+3=5.", "5")  # no \\boxed needed
+    row = math_lib.parse_row({"question": "q", "answer": "The answer is: 2, so $\\fbox{3}$.\nThe answer is:  3 "})
+    assert (row["solution"], row["answer"]) == ("The answer is: 2, so $\\fbox{3}$.", "3")
+    row = math_lib.parse_row({"question": "q", "answer": "So $\\fbox{7}$. The answer is: "})  # empty: the box
+    assert (row["solution"], row["answer"]) == ("So $\\fbox{7}$.", "7")
+    with pytest.raises(tfds_util.BadRow, match="nothing after the last 'The answer is:' in 'answer'"):
+        math_lib.parse_row({"question": "q", "answer": "We get five. The answer is:"})
 
 
 def test_math_row_without_answer_is_a_bad_row(tmp_path):
@@ -310,7 +413,7 @@ def test_arc_prompt_lists_the_options_and_ends_in_the_answer_format(tmp_path):
     ex = {e.uid: e for e in task.load("test")}["arc/test/Fixture_X01"]
     prompt = task.prompt(ex)
     assert f"Question: {ex.question}\n\nOptions:\n(A) coal\n(B) natural gas\n(C) wind\n(D) oil\n\nSolution:" in prompt
-    assert prompt.endswith("Solution:") and 'please use the format "Final answer: ..."' in prompt
+    assert prompt.endswith("Solution:\n") and 'please use the format "Final answer: ..."' in prompt
     assert task.target(ex) is None
     odd = Example("arc/test/odd", "Is {choices} a placeholder?", "A", "", (("A", "yes {question}"), ("B", "no")))
     assert "Question: Is {choices} a placeholder?\n\nOptions:\n(A) yes {question}\n(B) no\n" in task.prompt(odd)
@@ -327,7 +430,7 @@ def test_arc_scoring_uses_the_letter(tmp_path):
     assert task.score(wrong, examples)[1] == [False] * 3
 
 
-def test_arc_bad_row_names_file_and_line_or_is_skipped(tmp_path):
+def test_arc_bad_row_names_file_and_line_or_is_skipped(tmp_path, monkeypatch):
     src = source("arc", tmp_path)
     bad = rows(src / "ARC-Challenge-Test.jsonl")[0] | {"id": "Fixture_bad", "answerKey": "F"}
     line = append(src / "ARC-Challenge-Test.jsonl", json.dumps(bad))
@@ -336,6 +439,9 @@ def test_arc_bad_row_names_file_and_line_or_is_skipped(tmp_path):
         get_task(config("arc", src, tmp_path)).load("test")
     task = get_task(config("arc", src, tmp_path, skip_bad_rows=True))
     assert len(task.load("test")) == 3 and len(task.skipped_rows["test"]) == 1
+    monkeypatch.setattr(arc_lib.ARCTask, "_prepare", not_prepared_again)
+    reused = get_task(config("arc", src, tmp_path, skip_bad_rows=True))
+    assert len(reused.load("test")) == 3 and reused.skipped_rows == {"test": task.skipped_rows["test"]}
 
 
 # No TensorFlow

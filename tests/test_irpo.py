@@ -48,7 +48,8 @@ def test_run_writes_every_artifact_and_a_readable_result(finished):
     for r in rows[1:]:
         assert r["pairs"] > 0 and r["prompts_paired"] + r["prompts_all_correct"] + r["prompts_all_wrong"] \
             + r["prompts_no_valid"] >= r["prompts_paired"]
-    assert rows[2]["train_steps"] == 6 + 2 * 4
+    assert [r["train_steps"] for r in rows] == [60, 64, 68]
+    assert rows[2]["greedy_accuracy"] > 0 and rows[1]["train_sample_accuracy"] > 0  # the model learned something
     assert "| iteration | greedy_accuracy |" in stderr  # the table printed at the end
     # The plot is a real PNG.
     png = (workdir / "accuracy.png").read_bytes()
@@ -61,7 +62,11 @@ def test_run_writes_every_artifact_and_a_readable_result(finished):
     greedy = acc.Scalars("iteration/greedy_accuracy")
     assert [e.step for e in greedy] == [0, 1, 2]
     np.testing.assert_allclose([e.value for e in greedy], [r["greedy_accuracy"] for r in rows], rtol=1e-6)
-    assert len(acc.Scalars("train/loss")) == 6 + 2 * 4
+    phase = EventAccumulator(str(workdir / "iter1" / "train"))  # each training phase logs its own steps
+    phase.Reload()
+    assert [e.step for e in phase.Scalars("train/loss")] == [2, 4]
+    logged = [json.loads(line) for line in open(workdir / "iter1" / "train" / "metrics.jsonl")]
+    np.testing.assert_allclose([e.value for e in phase.Scalars("train/loss")], [r["loss"] for r in logged], rtol=1e-6)
     # Samples: N per prompt, scored; pairs carry reference log-probs; eval has one greedy row per prompt.
     samples = [json.loads(line) for p in sorted((workdir / "iter1" / "samples").glob("part-*.jsonl"))
                for line in open(p)]
@@ -94,6 +99,9 @@ def test_every_iteration_exports_to_transformers(finished):
     np.testing.assert_allclose(np.asarray(M.forward(config, params, np.asarray([ids], np.int32))), ref, atol=1e-4)
 
 
+STAGE_OUTPUTS = ("train.jsonl", "test.jsonl", "sft.jsonl", "pairs.jsonl", "eval.json", "done.json")
+
+
 def _wait_for(proc, predicate, timeout=300):
     t0 = time.time()
     while not predicate():
@@ -121,9 +129,8 @@ def test_killed_at_any_stage_resumes_and_loses_nothing(finished, tmp_path):
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        for p in workdir.rglob("*"):  # artifacts finished before a kill are never rewritten
-            if p.is_file() and p.suffix in (".jsonl", ".json") and "checkpoints" not in p.parts \
-                    and p.name not in ("metrics.jsonl", "config.json", "results.json"):
+        for p in workdir.rglob("*"):  # the outputs of stages finished before a kill are never rewritten
+            if p.is_file() and (p.name.startswith("part-") or p.name in STAGE_OUTPUTS):
                 kept.setdefault(p, p.stat().st_mtime_ns)
     res = subprocess.run(_cmd(workdir), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -148,11 +155,6 @@ def test_sft_baselines_train_on_gold_or_own_correct_samples(tmp_path, baseline):
 
     cfg = _config(f"quick,baseline={baseline}")
     cfg.irpo.iterations = 1
-    # One small sum per problem: the warm-started model gets some right (STaR needs them).
-    cfg.task.update(max_value=6, min_steps=1, max_steps=1)
-    cfg.init.num_steps = 80
-    cfg.init.optim.update(lr=1e-2, warmup_steps=5)
-    cfg.irpo.temperatures = (0.5,)
     rows = irpo.run(cfg, str(tmp_path))
     assert [r["iteration"] for r in rows] == [0, 1]
     sft = [json.loads(line) for line in open(tmp_path / "iter1" / "sft.jsonl")]
@@ -163,7 +165,8 @@ def test_sft_baselines_train_on_gold_or_own_correct_samples(tmp_path, baseline):
     else:
         samples = {(s["uid"], tuple(s["completion_ids"])): s for p in (tmp_path / "iter1" / "samples").glob("*.jsonl")
                    for s in map(json.loads, open(p))}
-        assert sft and all(samples[(r["uid"], tuple(r["response_ids"]))]["correct"] for r in sft)
+        won = [samples[(r["uid"], tuple(r["response_ids"]))] for r in sft]
+        assert won and all(s["correct"] and s["finish_reason"] != "length" for s in won)
         assert rows[1]["star_rows"] == len(sft)
 
 
@@ -184,15 +187,56 @@ def test_bad_config_and_input_are_named(tmp_path):
         irpo.run(cfg, str(tmp_path / "c"))
     # A prompt too long for the context: an error naming the row, or a counted skip.
     cfg = _config()
-    cfg.seq_len = 90
+    cfg.seq_len = 300
+    with pytest.raises(ValueError, match=r"seq_len=300: longer than the model's context \(256, model.random"):
+        irpo.run(cfg, str(tmp_path / "d"))
+    cfg.seq_len = 70  # quick prompts are 46 to 53 tokens, plus 32 new tokens
     with pytest.raises(ValueError, match=r"arith/train/\d+: the prompt has \d+ tokens"):
         irpo.run(cfg, str(tmp_path / "d"))
     cfg.data.long_prompts = "skip"
-    cfg.irpo.iterations = 0
-    with pytest.raises(ValueError, match="seq_len=90: no train prompt has a gold response that fits"):
-        irpo.run(cfg, str(tmp_path / "e"))
-    cfg.seq_len = 100
+    cfg.eval.max_new_tokens = cfg.irpo.max_new_tokens = 4
+    with pytest.raises(ValueError, match="seq_len=70: no train prompt has a gold response that fits"):
+        irpo.run(cfg, str(tmp_path / "d"))  # the workdir was not claimed by the failed runs above
+    # Prompts of 53 and 54 tokens leave no room for 25 new tokens in 77; the 23-token gold
+    # responses fit with the rest, but are longer than 20 sampled tokens (a warning, counted).
+    cfg.seq_len, cfg.irpo.iterations, cfg.eval.max_new_tokens, cfg.irpo.max_new_tokens = 77, 0, 25, 20
     irpo.run(cfg, str(tmp_path / "f"))
     stats = json.loads((tmp_path / "f" / "data" / "train_stats.json").read_text())
     kept = sum(1 for _ in open(tmp_path / "f" / "data" / "train.jsonl"))
+    assert stats["gold_longer_than_max_new_tokens"] > 0
     assert stats["skipped_long_prompts"] > 0 and stats["rows"] == kept == 32 - stats["skipped_long_prompts"]
+
+
+def test_runs_on_gsm8k_files_from_an_hf_checkpoint(tmp_path):
+    """The real-task config (configs/irpo.py, runlocal) on the GSM8K fixture files, from a tiny
+    random HF checkpoint carrying a tokenizer: the TFDS dataset is built from the files, the
+    prompts are the paper's, gold solutions (calculator notes removed) are the winners."""
+    import jax
+
+    import rpo.models as M
+    from ml_collections import config_flags
+    from rpo import irpo
+    from rpo.data.synthetic import char_tokenizer
+    from rpo.models.config import ModelConfig
+    from rpo.models.decoder import init_params
+
+    model_dir = str(tmp_path / "m0")
+    config = ModelConfig(model_type="llama", vocab_size=104, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=1024, eos_token_ids=(1,),
+                         pad_token_id=0)
+    M.save_pretrained(config, init_params(config, jax.random.PRNGKey(0)), model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = os.path.join(ROOT, "tests", "fixtures", "data", "gsm8k")
+    module = config_flags.config_flags._LoadConfigModule("irpo_cfg", os.path.join(ROOT, "configs", "irpo.py"))
+    cfg = module.get_config(f"task=gsm8k,runlocal,model={model_dir},data={data}")
+    cfg.task.tfds_dir = str(tmp_path / "tfds")
+    rows = irpo.run(cfg, str(tmp_path / "run"))
+    assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["pairs"] > 0
+    train = [json.loads(line) for line in open(tmp_path / "run" / "data" / "train.jsonl")]
+    assert len(train) == 3 and all(r["prompt"].endswith("Solution:\n") for r in train)
+    assert all("<<" not in r["target"] and r["target"].endswith(f"Final answer: {r['answer']}") for r in train)
+    pairs = [json.loads(line) for line in open(tmp_path / "run" / "iter1" / "pairs.jsonl")]
+    by_uid = {r["uid"]: r for r in train}
+    # A random model is always wrong: every pair is (gold, a sample of its own), readable as text.
+    assert all(p["chosen_text"] == by_uid[p["uid"]]["target"] for p in pairs)
+    assert all(p["rejected_ids"] != p["chosen_ids"] and "rejected_text" in p for p in pairs)

@@ -54,16 +54,19 @@ def test_gsm8k_real_rows(row):
 
     variants = (str(value), f"{value:,}", f"${value}", f"{value}.0", f"{value}.00", f"**{value}**", f"{value} units.")
     for variant in variants:
-        assert R.gsm8k_correct(completion(variant), row["answer"], strict=True), variant
-        assert R.gsm8k_correct(completion(variant), written), variant
-    assert not R.gsm8k_correct(completion(str(value + 1)), row["answer"])
-    assert not R.gsm8k_correct(completion(f"{value}.5"), row["answer"])
+        assert R.gsm8k_answer(completion(variant), strict=True) == gold, variant
+        assert R.gsm8k_answer(completion(variant)) == gold, variant
+    assert R.gsm8k_answer(completion(str(value + 1))) != gold
+    assert R.gsm8k_answer(completion(f"{value}.5")) != gold
     # The solution alone ends on the answer but has no "Final answer:": only flexible mode reads it.
     assert R.gsm8k_answer(solution, strict=True) is None
     assert R.gsm8k_answer(solution) == gold
-    assert not R.gsm8k_correct(solution, row["answer"], strict=True)
-    assert R.gsm8k_correct(solution, row["answer"], strict=False)
     assert R.gsm8k_answer(row["answer"]) == gold  # "#### N" is a flexible-mode marker
+    # The public check, against the answer field itself and against the bare number.
+    for gold_form in (row["answer"], written, f"{value:,}"):
+        assert R.gsm8k_correct(completion(f"${value:,}"), gold_form, strict=True)
+        assert not R.gsm8k_correct(completion(str(value + 1)), gold_form)
+    assert not R.gsm8k_correct(solution, row["answer"], strict=True) and R.gsm8k_correct(solution, row["answer"])
 
 
 def test_gsm8k_strict_vs_flexible():
@@ -191,7 +194,8 @@ def test_math_answer_modes_and_score():
     assert R.math_answer(text) == r"\frac{14}{3}"
     assert R.math_answer("so the answer is: $2\\sqrt{2}$.") == r"2\sqrt{2}"
     assert R.math_answer("which gives 7 and then 12") == "12"
-    assert R.math_correct(text, r"\frac{14}{3}") and not R.math_correct(text, r"\frac{14}{3}", strict=True)
+    assert R.math_score([text], [r"\frac{14}{3}"]) == ([r"\frac{14}{3}"], [True])
+    assert R.math_score([text], [r"\frac{14}{3}"], strict=True) == ([None], [False])
     completions = [_math_parts(row)[0] for row in MATH]
     finals = [_math_parts(row)[1] for row in MATH]
     answers, correct = R.math_score(completions, finals, strict=True)
@@ -242,14 +246,18 @@ def test_a_dead_worker_is_replaced():
      ("So the answer is B.", True, None), ("So the answer is B.", False, "B"), ("(A) is wrong, so (C).", False, "C"),
      ("the answer is a plant", False, None), (r"Thus $\boxed{D}$", False, "D"), ("B", False, "B"),
      (" (D) ", False, "D"),
-     ("Final answer: (A)\nActually the answer is (B)", False, "A"), ("I do not know", False, None)],
+     ("Final answer: (A)\nActually the answer is (B)", False, "A"), ("I do not know", False, None),
+     # a bare letter counts only before ')', '.', ':', ',' or the end: here "A" is an article
+     ("Final answer: A cell wall, which is (C)", True, "C"), ("Final answer: B, the sun", True, "B"),
+     ("Final answer: E", True, "E"), ("Final answer: C: wind", True, "C"), ("Final answer: [D]", True, "D"),
+     ("Final answer: A cell wall", True, None), ("Final answer: Choice: B", True, "B")],
 )
 def test_arc_answer(completion, strict, letter):
     assert R.arc_answer(completion, strict) == letter
 
 
-def test_arc_correct():
-    assert R.arc_correct("Final answer: (B)", "B") and R.arc_correct("Final answer: (B)", "(b)")
-    assert not R.arc_correct("Final answer: (B)", "C")
-    with pytest.raises(ValueError, match="'F'"):
-        R.arc_correct("Final answer: F", "F")
+def test_arc_gold():
+    assert R.arc_gold("B") == R.arc_gold("(b)") == R.arc_gold(" (B) ") == "B"
+    for bad in ("F", "AB", "", "1"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            R.arc_gold(bad)

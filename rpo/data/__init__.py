@@ -1,7 +1,7 @@
 """Tasks: a dataset split, the prompt the model sees, the gold response, and the reward.
 
 Every task (synthetic arithmetic, GSM8K, MATH, ARC-Challenge) is one object with the same
-five methods, so the IRPO loop never branches on the task:
+five methods and a `stop` attribute, so the IRPO loop never branches on the task:
 
   task.load(split)                 -> list[Example]    rows of "train" / "test"
   task.prompt(example)             -> str              the paper's prompt (no chat template)
@@ -12,6 +12,15 @@ five methods, so the IRPO loop never branches on the task:
                                     completion (None when it has none): majority votes
                                     hash these strings
         correct: list[bool]         the reward: the completion's answer equals the gold one
+  task.stop                        -> tuple[str, ...]  strings at which sampling cuts a completion
+                                                       (the model starting another problem)
+
+Prompt/response boundary: prompt(ex) + target(ex) is the full training text; the prompt ends
+with its separator (e.g. "Solution:\n"), so a target or a sampled completion starts directly
+with its first word.
+
+Optional: tasks reading files expose `skipped_rows: dict[split, list[str]]`, the rows of each
+loaded split left out with skip_bad_rows ("file:line: why"), also when prepared data is reused.
 
 `get_task(cfg)` builds the task named by `cfg.name` from a config's `task` block.
 """
@@ -33,6 +42,7 @@ class Example:
 
 class Task(Protocol):
     name: str
+    stop: tuple[str, ...]  # strings at which sampling cuts a completion (the model starting another problem)
 
     def load(self, split: str) -> list[Example]: ...
 

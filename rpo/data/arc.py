@@ -23,7 +23,9 @@ Task config fields (the `task` block, name='arc'): source_dir, tfds_dir, skip_ba
 max_examples, strict (passed to rpo.rewards). Splits: train, validation, test.
 Order: TFDS stores ai2_arc shuffled by example id (deterministic); max_examples takes the
 first N of that order. uid: "arc/<split>/<ARC id>". Prompt: zero-shot, templates/arc.txt,
-the options rendered one a line as "(A) text". target(): None (ARC has no worked solutions).
+the options rendered one a line as "(A) text", ending "Solution:\n". target(): None (ARC has
+no worked solutions). stop: a new "Question:" block or a repeat of the instruction.
+score(): each completion's letter (rpo.rewards.arc_answer) against the gold one (arc_gold).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def find_sources(src: Path) -> list[Path]:
 
 class ARCTask:
     name = "arc"
+    stop = ("\n\nQuestion:", "\n\nYour task is")  # the template's next problem, from either of its blocks
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -186,7 +189,6 @@ class ARCTask:
 
         if len(completions) != len(examples):
             raise ValueError(f"task arc: {len(completions)} completions for {len(examples)} examples")
-        strict = self.cfg.strict
-        answers = [rewards.arc_answer(c, strict) for c in completions]
-        correct = [rewards.arc_correct(c, ex.answer, strict) for c, ex in zip(completions, examples)]
+        answers = [rewards.arc_answer(c, self.cfg.strict) for c in completions]
+        correct = [a is not None and a == rewards.arc_gold(ex.answer) for a, ex in zip(answers, examples)]
         return answers, correct

@@ -12,8 +12,11 @@ Task config fields (the `task` block, name='gsm8k'): source_dir (the directory h
 files), tfds_dir, skip_bad_rows, max_examples, strict (passed to rpo.rewards).
 
 Prompt: zero-shot, templates/gsm8k.txt (the IRPO paper's: step-by-step reasoning, then
-"Final answer: ..."). target(): the solution without the <<...>> annotations, then
-"Final answer: N". uid: "gsm8k/<split>/<row>".
+"Final answer: ..."), ending "Solution:\n". target(): the solution without the <<...>>
+annotations, then "Final answer: N". stop: a new "Question:" block or a repeat of the
+instruction, which is what a model continuing the prompt's pattern writes next.
+score(): each completion's number (rpo.rewards.gsm8k_answer) against the gold's (gsm8k_gold).
+uid: "gsm8k/<split>/<row>".
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class Gsm8kBuilder(tfds_util.JsonlBuilder):
 
 class GSM8KTask:
     name = "gsm8k"
+    stop = ("\n\nQuestion:", "\n\nYour task is")  # the template's next problem, from either of its blocks
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -97,7 +101,6 @@ class GSM8KTask:
 
         if len(completions) != len(examples):
             raise ValueError(f"task gsm8k: {len(completions)} completions for {len(examples)} examples")
-        strict = self.cfg.strict
-        answers = [rewards.gsm8k_answer(c, strict) for c in completions]
-        correct = [rewards.gsm8k_correct(c, ex.answer, strict) for c, ex in zip(completions, examples)]
+        answers = [rewards.gsm8k_answer(c, self.cfg.strict) for c in completions]
+        correct = [a is not None and a == rewards.gsm8k_gold(ex.answer) for a, ex in zip(answers, examples)]
         return answers, correct

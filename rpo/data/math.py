@@ -4,18 +4,22 @@ Source: train.jsonl and/or test.jsonl (splits are the files present), one proble
 either spelling:
   - MATH / MATH-500 jsonl: "problem" (or "question"), "solution", optional "answer" (else the
     last \\boxed{} of the solution), optional "level", "subject" (or "type"), "unique_id";
-  - the PRM800K / MetaMath-style variant of MATH-500: "question", and "answer" holding
-    the full solution followed by "The answer is: X"; the solution is the text before that
-    trailer and the gold answer is its last \\boxed{}.
-A row with no problem, or with neither an answer nor a \\boxed{} in its solution, is a bad row
-(see tfds_util). `MathBuilder` (TFDS name rpo_math) keeps the file order (row = line - 1).
+  - the PRM800K / MetaMath-style variant of MATH-500: "question", no "solution", and "answer"
+    holding the full solution followed by "The answer is: X"; split at the last such trailer,
+    the solution is the text before it and the gold answer X (stripped; when X is empty, the
+    solution's last \\boxed{} / \\fbox{}). Without the trailer, an "answer" holding a \\boxed{}
+    is the solution and its last box the gold; any other "answer" is the gold, with no solution.
+A row with no problem, or where no gold answer can be found, is a bad row naming why (see
+tfds_util). `MathBuilder` (TFDS name rpo_math) keeps the file order (row = line - 1).
 
 Task config fields (the `task` block, name='math'): source_dir, tfds_dir, skip_bad_rows,
 max_examples, strict (passed to rpo.rewards).
 
 Prompt: 4-shot, templates/math.txt (four worked examples written for this project, answers in
-\\boxed{}). target(): the solution (it contains the \\boxed{} answer); None when the row has no
-solution with a \\boxed{}. score(): rpo.rewards.math_score (sympy equivalence with its default timeout).
+\\boxed{}, each "Problem:\\n...\\n\\nSolution:\\n..."), ending "Solution:\\n". target(): the solution
+(it contains the \\boxed{} answer); None when the row has no solution with a \\boxed{} or \\fbox{}.
+stop: the next "Problem:" block, what a model continuing the few-shot pattern writes next.
+score(): rpo.rewards.math_score (sympy equivalence with its default timeout).
 uid: "math/<split>/<row>"; level, subject and unique_id stay in the TFDS data (Example has no
 field for them).
 """
@@ -41,17 +45,21 @@ def parse_row(obj: dict) -> dict:
     if not isinstance(question, str) or not question.strip():
         raise BadRow("no 'problem' or 'question'")
     solution, answer = obj.get("solution"), obj.get("answer")
-    if solution is None and isinstance(answer, str) and "\\boxed" in answer:
-        head, _, _ = answer.rpartition(TRAILER)
-        solution, answer = (head if "\\boxed" in head else answer), None
     if not isinstance(solution, (str, type(None))) or not isinstance(answer, (str, int, type(None))):
         raise BadRow("'solution' must be a string and 'answer' a string or an int")
+    why = "no 'answer' field and no \\boxed{} or \\fbox{} in 'solution'"
+    if solution is None and isinstance(answer, str):
+        if TRAILER in answer:  # PRM800K spelling: the full solution, then "The answer is: X"
+            solution, _, answer = answer.rpartition(TRAILER)
+            why = f"nothing after the last {TRAILER!r} in 'answer' and no \\boxed{{}} or \\fbox{{}} before it"
+        elif rewards.extract_boxed(answer) is not None:
+            solution, answer = answer, None
     solution = (solution or "").strip()
     answer = str(answer).strip() if answer is not None else ""
     if not answer:
         answer = (rewards.extract_boxed(solution) or "").strip()
     if not answer:
-        raise BadRow("no answer: no 'answer' field and no \\boxed{} in the solution")
+        raise BadRow(f"no answer: {why}")
     subject = str(obj.get("subject", obj.get("type", "")))
     level, unique_id = str(obj.get("level", "")), str(obj.get("unique_id", ""))
     return dict(question=question, solution=solution, answer=answer, level=level, subject=subject, unique_id=unique_id)
@@ -79,6 +87,7 @@ class MathBuilder(tfds_util.JsonlBuilder):
 
 class MathTask:
     name = "math"
+    stop = ("\n\nProblem:",)  # the few-shot pattern's next problem
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -98,7 +107,9 @@ class MathTask:
         return tfds_util.fill(self.template, question=example.question)
 
     def target(self, example: Example) -> str | None:
-        return example.solution if "\\boxed" in example.solution else None
+        from rpo import rewards
+
+        return example.solution if rewards.extract_boxed(example.solution) is not None else None
 
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[str | None], list[bool]]:
         from rpo import rewards

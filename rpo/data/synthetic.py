@@ -77,6 +77,7 @@ def make_problem(rng: random.Random, *, min_steps: int, max_steps: int, max_valu
 
 class ArithTask:
     name = "arith"
+    stop = ("\nQ:",)  # the model starting another problem
 
     def __init__(self, cfg):
         for field in ("num_train", "num_test", "min_steps", "max_steps", "max_value"):

@@ -12,14 +12,17 @@ Conventions:
 - A jsonl row is numbered by its line (1-based in messages, `row` = line - 1 in the data and
   in uids). A bad row stops preparation with "file:line: why", or, with skip_bad_rows, is
   left out and listed; blank lines are ignored.
-- Prepare once, reuse after: beside each prepared dataset `rpo_source.json` records the
+- Prepare once, reuse after: inside each prepared dataset `rpo_source.json` records the
   sha256 of every source file and the rows that were skipped. A later load reuses the data
-  while the hashes match and re-prepares it (deleting only data that carries our record)
-  when a source changed; data in the same place without our record is refused, never
-  overwritten.
-- Prompt templates are rpo/data/templates/<name>.txt; `{question}` and `{choices}` are the
-  only placeholders (other braces, e.g. LaTeX, are left alone); the file's final newline is
-  dropped.
+  (and its skipped rows) while the hashes match and re-prepares it (deleting only data that
+  carries our record) when a source changed. While rpo prepares, a marker file
+  <data dir>.rpo_preparing sits beside the data dir (outside it: TFDS reuses any data dir
+  that exists); a data dir with that marker and no record is what an interrupted rpo run
+  left, and is deleted and prepared again. Data in the same place with neither is refused,
+  never overwritten.
+- Prompt templates are rpo/data/templates/<name>.txt, used verbatim; `{question}` and
+  `{choices}` are the only placeholders (other braces, e.g. LaTeX, are left alone). A
+  template ends with a newline: the separator between the prompt and the response.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from rpo import files
 import tensorflow_datasets as tfds
 
 RECORD = "rpo_source.json"
+PREPARING = ".rpo_preparing"  # suffix of the marker beside a data dir being prepared
 TEMPLATES = Path(__file__).parent / "templates"
 PLACEHOLDER = re.compile(r"\{(question|choices)\}")
 
@@ -120,23 +124,41 @@ def prepare_or_reuse(
     want = {p.name: sha256(p) for p in sources}
     builder = make_builder()
     data_path = Path(os.fspath(builder.data_path))
-    record_path = data_path / RECORD
+    record_path, marker = data_path / RECORD, preparing_marker(data_path)
     if record_path.exists():
         record = json.loads(record_path.read_text())
         if record["sha256"] == want:
+            marker.unlink(missing_ok=True)  # a run that stopped right after writing the record
             return builder, record["skipped"]
         logging.info("%s: source files changed since it was prepared; preparing it again", data_path)
         shutil.rmtree(data_path)
         builder = make_builder()
     elif data_path.exists():
-        raise FileExistsError(
-            f"{data_path} holds {builder.name} data that rpo did not prepare (no {RECORD}: prepared by someone "
-            "else, or an rpo run stopped before recording it); delete it or point config field task.tfds_dir elsewhere"
-        )
-    skipped = prepare(builder)
+        if not marker.exists():
+            raise FileExistsError(
+                f"{data_path} holds {builder.name} data that rpo did not prepare (no {RECORD} in it, no {marker.name} "
+                "beside it); delete it or point config field task.tfds_dir elsewhere"
+            )
+        logging.warning("%s: an rpo run stopped before recording it (%s exists); preparing it again", data_path, marker)
+        shutil.rmtree(data_path)
+        builder = make_builder()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(os.fspath(marker), {"data_dir": os.fspath(data_path), "pid": os.getpid()})
+    try:
+        skipped = prepare(builder)
+    except BaseException:
+        if not data_path.exists():  # TFDS wrote nothing there: nothing of ours to mark
+            marker.unlink(missing_ok=True)
+        raise
     record = {"source_dir": os.fspath(sources[0].parent), "sha256": want, "skipped": skipped}
     files.write_json(os.fspath(record_path), record)
+    marker.unlink()
     return builder, skipped
+
+
+def preparing_marker(data_path: Path) -> Path:
+    """The marker file that says rpo is preparing `data_path` (beside it)."""
+    return data_path.with_name(data_path.name + PREPARING)
 
 
 class JsonlBuilder(tfds.core.GeneratorBasedBuilder):
@@ -216,9 +238,12 @@ def text(value) -> str:
 
 
 def load_template(name: str, fields: Sequence[str]) -> str:
-    """The prompt template rpo/data/templates/<name>.txt; it must use exactly the placeholders `fields`."""
+    """The prompt template rpo/data/templates/<name>.txt, verbatim; it must use exactly the placeholders
+    `fields` and end with a newline (the separator before the response)."""
     path = TEMPLATES / f"{name}.txt"
-    template = path.read_text(encoding="utf-8").removesuffix("\n")
+    template = path.read_text(encoding="utf-8")
+    if not template.endswith("\n"):
+        raise ValueError(f"{path}: the template must end with a newline, the separator before the response")
     found = set(PLACEHOLDER.findall(template))
     if found != set(fields):
         want = ", ".join("{" + f + "}" for f in fields)
