@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.task = ml_collections.ConfigDict(dict(
-        name="arith", seed=0, num_train=20000, num_test=200, min_steps=2, max_steps=3, max_value=30, ops="+-",
+        name="arith", seed=0, num_train=20000, num_test=200, min_steps=2, max_steps=3, max_value=20, ops="+-",
         strict=True,
     ))
     c.data = ml_collections.ConfigDict(dict(

@@ -323,19 +323,18 @@ def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str
     greedy = sample_and_score(models, model_path, task, tokenizer, rows, os.path.join(it_dir, "eval_greedy"), n=1,
                               temperature=0.0, desc=f"{os.path.basename(it_dir)} eval greedy", **common)
     metrics = {"greedy_accuracy": float(np.mean([s["correct"] for s in greedy]))}
-    if e.maj_k > 1:
-        k = e.maj_k
-        samples = sample_and_score(models, model_path, task, tokenizer, rows, os.path.join(it_dir, "eval_samples"),
-                                   n=k, temperature=e.temperature, desc=f"{os.path.basename(it_dir)} eval maj@{k}",
-                                   **common)
-        answers = [[s["answer"] for s in samples[i * k: (i + 1) * k]] for i in range(len(rows))]
-        correct = np.asarray([[s["correct"] for s in samples[i * k: (i + 1) * k]] for i in range(len(rows))])
-        ids, valid = consistency.answer_ids(answers)
-        metrics.update({
-            "maj_accuracy": float(consistency.maj_at_k(ids, valid, correct, k)), "maj_k": k,
-            "sample_accuracy": float(correct.mean()), f"pass_at_{k}": float(consistency.pass_at_k(correct, k)),
-            "vote_share": float(np.mean(consistency.vote_share(ids, valid))),
-        })
+    k = e.maj_k
+    samples = sample_and_score(models, model_path, task, tokenizer, rows, os.path.join(it_dir, "eval_samples"),
+                               n=k, temperature=e.temperature, desc=f"{os.path.basename(it_dir)} eval maj@{k}",
+                               **common)
+    answers = [[s["answer"] for s in samples[i * k: (i + 1) * k]] for i in range(len(rows))]
+    correct = np.asarray([[s["correct"] for s in samples[i * k: (i + 1) * k]] for i in range(len(rows))])
+    ids, valid = consistency.answer_ids(answers)
+    metrics.update({
+        "maj_accuracy": float(consistency.maj_at_k(ids, valid, correct, k)), "maj_k": k,
+        "sample_accuracy": float(correct.mean()), f"pass_at_{k}": float(consistency.pass_at_k(correct, k)),
+        "vote_share": float(np.mean(consistency.vote_share(ids, valid))),
+    })
     metrics["test_prompts"] = len(rows)
     files.write_json(path, metrics)
     return metrics, True
