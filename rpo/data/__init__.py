@@ -53,6 +53,18 @@ class Task(Protocol):
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[str | None], list[bool]]: ...
 
 
+def score_by_answer(task_name: str, completions: Sequence[str], examples: Sequence[Example], answer, gold
+                    ) -> tuple[list[str | None], list[bool]]:
+    """Task.score for tasks whose answers compare as normalised strings: answer(completion) ->
+    str | None extracts each completion's answer once; gold(example.answer) -> str is the
+    normalised gold it must equal."""
+    if len(completions) != len(examples):
+        raise ValueError(f"task {task_name}: {len(completions)} completions for {len(examples)} examples")
+    answers = [answer(c) for c in completions]
+    correct = [a is not None and a == gold(ex.answer) for a, ex in zip(answers, examples)]
+    return answers, correct
+
+
 def get_task(cfg) -> Task:
     """The task named by cfg.name ('arith' | 'gsm8k' | 'math' | 'arc'), configured by cfg."""
     name = cfg.name

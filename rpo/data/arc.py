@@ -37,7 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from rpo.data import Example
+from rpo.data import Example, score_by_answer
 from rpo.data import tfds_util
 from rpo.data.tfds_util import BadRow, tfds
 
@@ -187,8 +187,5 @@ class ARCTask:
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[str | None], list[bool]]:
         from rpo import rewards
 
-        if len(completions) != len(examples):
-            raise ValueError(f"task arc: {len(completions)} completions for {len(examples)} examples")
-        answers = [rewards.arc_answer(c, self.cfg.strict) for c in completions]
-        correct = [a is not None and a == rewards.arc_gold(ex.answer) for a, ex in zip(answers, examples)]
-        return answers, correct
+        return score_by_answer("arc", completions, examples, lambda c: rewards.arc_answer(c, self.cfg.strict),
+                               rewards.arc_gold)

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rpo.data import Example
+from rpo.data import Example, score_by_answer
 from rpo.data import tfds_util
 from rpo.data.tfds_util import BadRow, tfds
 
@@ -99,8 +99,5 @@ class GSM8KTask:
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[str | None], list[bool]]:
         from rpo import rewards
 
-        if len(completions) != len(examples):
-            raise ValueError(f"task gsm8k: {len(completions)} completions for {len(examples)} examples")
-        answers = [rewards.gsm8k_answer(c, self.cfg.strict) for c in completions]
-        correct = [a is not None and a == rewards.gsm8k_gold(ex.answer) for a, ex in zip(answers, examples)]
-        return answers, correct
+        return score_by_answer("gsm8k", completions, examples, lambda c: rewards.gsm8k_answer(c, self.cfg.strict),
+                               rewards.gsm8k_gold)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 
-from rpo.data import Example
+from rpo.data import Example, score_by_answer
 
 NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eli", "Kai")
 ITEMS = ("apples", "shells", "stamps", "coins", "pens", "cards", "books", "rocks", "beads", "eggs")
@@ -126,6 +126,5 @@ class ArithTask:
     def score(self, completions, examples):
         from rpo import rewards
 
-        answers = [rewards.gsm8k_answer(text, strict=self.cfg.strict) for text in completions]
-        correct = [a is not None and a == rewards.gsm8k_gold(ex.answer) for a, ex in zip(answers, examples)]
-        return answers, correct
+        return score_by_answer("arith", completions, examples, lambda c: rewards.gsm8k_answer(c, self.cfg.strict),
+                               rewards.gsm8k_gold)
