@@ -77,7 +77,8 @@ def check_config(cfg) -> None:
         bad("irpo.temperatures", f"{len(i.temperatures)} values for {i.iterations} iterations")
     if not isinstance(i.prompts_per_iteration, int) or i.prompts_per_iteration < 0:
         bad("irpo.prompts_per_iteration", f"must be an int >= 0 (0: all), got {i.prompts_per_iteration!r}")
-    for field, value in (("irpo.samples_per_prompt", i.samples_per_prompt), ("irpo.pairs_per_prompt", i.pairs_per_prompt),
+    for field, value in (("irpo.samples_per_prompt", i.samples_per_prompt),
+                         ("irpo.pairs_per_prompt", i.pairs_per_prompt),
                          ("irpo.max_new_tokens", i.max_new_tokens), ("irpo.chunk_prompts", i.chunk_prompts),
                          ("eval.max_new_tokens", cfg.eval.max_new_tokens), ("eval.maj_k", cfg.eval.maj_k),
                          ("seq_len", cfg.seq_len)):
@@ -246,19 +247,29 @@ def _examples(rows):
 
 
 class Models:
-    """Loads M_t from its HF directory (or the random init), placed on the run's mesh."""
+    """Loads M_t from its HF directory, placed on the run's mesh, and keeps the last one loaded
+    (sampling and reference log-probs both read M_{t-1}; both evaluations read M_t) until
+    `release()`, which a training phase calls first so two models never share the devices."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.rules = sharding.rules_from_config(cfg.sharding_rules)
         self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self._loaded = None  # (path, ModelConfig, params)
 
     def load(self, path: str):
         from rpo.models.hf import load_model
 
-        mc = ml_collections.ConfigDict(self.cfg.model.to_dict())
-        mc.path = path
-        return load_model(mc, shardings_for=lambda c: sharding.param_shardings(c, self.mesh, self.rules))
+        if self._loaded is None or self._loaded[0] != path:
+            self.release()
+            mc = ml_collections.ConfigDict(self.cfg.model.to_dict())
+            mc.path = path
+            self._loaded = (path, *load_model(
+                mc, shardings_for=lambda c: sharding.param_shardings(c, self.mesh, self.rules)))
+        return self._loaded[1:]
+
+    def release(self) -> None:
+        self._loaded = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,7 +316,6 @@ def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out
             files.write_jsonl(parts[k], samples)
             bar.update(len(block) * n)
         bar.close()
-        del params
     return [s for p in parts for s in _read_jsonl(p)]
 
 
@@ -362,13 +372,15 @@ def _phase_config(cfg, block, *, model_path: str, train_path: str, kind: str):
     return p
 
 
-def train_phase(cfg, block, *, model_path: str, train_path: str, kind: str, out_dir: str, tokenizer, desc: str) -> str:
+def train_phase(cfg, block, models: Models, *, model_path: str, train_path: str, kind: str, out_dir: str, tokenizer,
+                desc: str) -> str:
     """Runs (or resumes) one rpo.train phase into out_dir; returns the HF directory of the result."""
     from rpo import report, train
 
     final = os.path.join(out_dir, "final")
     if os.path.exists(os.path.join(out_dir, DONE)):
         return final
+    models.release()  # rpo.train loads its own copy into the training shardings
     pcfg = _phase_config(cfg, block, model_path=model_path, train_path=train_path, kind=kind)
     bar = report.progress(desc=desc, total=pcfg.num_steps, unit="steps")
 
@@ -412,8 +424,7 @@ def iteration_prompts(cfg, t: int, train_rows: list[dict]) -> list[dict]:
     if not per or per >= len(train_rows):
         return train_rows
     order = np.random.default_rng([cfg.seed, 17]).permutation(len(train_rows))
-    take = [(t - 1) * per + k for k in range(per)]
-    return [train_rows[int(order[k % len(order)])] for k in sorted(take)]
+    return [train_rows[int(order[((t - 1) * per + k) % len(order)])] for k in range(per)]
 
 
 def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer, train_rows) -> tuple[str, str, dict]:
@@ -476,7 +487,8 @@ def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer
             max_len=cfg.seq_len, max_pairs=i.max_pairs or None, seed=cfg.seed + t, with_text=True,
         )
         if not rows:
-            raise RuntimeError(f"iteration {t}: no preference pairs ({pstats}); every prompt was all-correct or all-wrong")
+            raise RuntimeError(
+                f"iteration {t}: no preference pairs ({pstats}); every prompt was all-correct or all-wrong")
         _log(f"iter{t} pairs: " + ", ".join(f"{k}={v}" for k, v in pstats.items()))
         files.write_json(stats_path, pstats)  # before pairs.jsonl, whose presence marks the stage done
         add_reference(models, prev, rows, path, cfg, desc=f"iter{t} reference log-probs")
@@ -522,10 +534,11 @@ def run(cfg, workdir: str) -> list[dict]:
                 gold = [{"prompt_ids": r["prompt_ids"], "response_ids": r["target_ids"], "uid": r["uid"]}
                         for r in data["train"] if "target_ids" in r]
                 if not gold:
-                    raise ValueError(f"config field seq_len={cfg.seq_len}: no train prompt has a gold response that "
-                                     f"fits with it (see data/train_stats.json); the warm start has nothing to train on")
+                    raise ValueError(f"config field seq_len={cfg.seq_len}: no train prompt has a gold response "
+                                     f"that fits with it (see data/train_stats.json); the warm start has nothing "
+                                     f"to train on")
                 files.write_jsonl(sft_path, gold)
-            model_path = train_phase(cfg, cfg.init, model_path=cfg.model.path, train_path=sft_path, kind="sft",
+            model_path = train_phase(cfg, cfg.init, models, model_path=cfg.model.path, train_path=sft_path, kind="sft",
                                      out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
                                      desc="iter0 warm start (SFT on gold)")
         step = cfg.init.num_steps
@@ -537,7 +550,7 @@ def run(cfg, workdir: str) -> list[dict]:
             it_dir = os.path.join(workdir, f"iter{t}")
             os.makedirs(it_dir, exist_ok=True)
             path, kind, stats = _iteration_data(cfg, t, it_dir, model_path, models, task, tokenizer, data["train"])
-            model_path = train_phase(cfg, cfg.train, model_path=model_path, train_path=path, kind=kind,
+            model_path = train_phase(cfg, cfg.train, models, model_path=model_path, train_path=path, kind=kind,
                                      out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
                                      desc=f"iter{t} train ({cfg.irpo.method})")
             step += cfg.train.num_steps

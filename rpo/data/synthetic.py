@@ -47,7 +47,8 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_problem(rng: random.Random, *, min_steps: int, max_steps: int, max_value: int, ops: str) -> tuple[str, str, int]:
+def make_problem(rng: random.Random, *, min_steps: int, max_steps: int, max_value: int, ops: str
+                 ) -> tuple[str, str, int]:
     """One problem: (question, gold chain of thought ending in 'Final answer: N', N)."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(1, max_value)
