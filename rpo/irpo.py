@@ -98,10 +98,10 @@ def check_config(cfg) -> None:
         bad("eval.maj_k", f"must be >= 2 (a majority of one sample is the sample), got {cfg.eval.maj_k}")
 
 
-def _check_same_run(cfg, workdir: str) -> None:
-    """A workdir holds one experiment: refuse to resume it with a different config. The
-    config is recorded once the run's data is prepared (a run that failed on a bad field
-    before that can be rerun with the field fixed)."""
+def _check_same_run(cfg, workdir: str, *, record: bool) -> None:
+    """A workdir holds one experiment: refuse to resume it with a different config. With
+    `record`, a workdir without a recorded config gets this one: the run calls it so once its
+    data is prepared (a run that failed on a bad field before that can be rerun fixed)."""
     path = os.path.join(workdir, "irpo_config.json")
     mine = json.loads(cfg.to_json_best_effort())
     if os.path.exists(path):
@@ -117,7 +117,7 @@ def _check_same_run(cfg, workdir: str) -> None:
                 f"{workdir} holds a run of another config (field {diff} differs from {path}); "
                 f"resume with the same config or use a new --workdir"
             )
-    elif os.path.isdir(os.path.join(workdir, "data")):
+    elif record:
         files.write_json(path, mine)
 
 
@@ -509,7 +509,7 @@ def run(cfg, workdir: str) -> list[dict]:
 
     check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
-    _check_same_run(cfg, workdir)
+    _check_same_run(cfg, workdir, record=False)
     task = get_task(cfg.task)
     tokenizer = _tokenizer(cfg, task)
     models = Models(cfg)
@@ -518,7 +518,7 @@ def run(cfg, workdir: str) -> list[dict]:
                          f"{len(tokenizer)} tokens")
     context = _context(cfg)
     data = prepare_data(cfg, task, tokenizer, workdir, context)
-    _check_same_run(cfg, workdir)  # records the config on the first run
+    _check_same_run(cfg, workdir, record=True)
     _save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
     log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     results_path = os.path.join(workdir, "results.json")
