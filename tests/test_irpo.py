@@ -181,6 +181,10 @@ def test_bad_config_and_input_are_named(tmp_path):
     with pytest.raises(ValueError, match="irpo.temperatures"):
         irpo.run(cfg, str(tmp_path / "b"))
     cfg = _config()
+    del cfg.irpo["samples_per_prompt"]  # a config missing a field
+    with pytest.raises(AttributeError, match="samples_per_prompt"):
+        irpo.run(cfg, str(tmp_path / "missing"))
+    cfg = _config()
     cfg.model.random.vocab_size = 50
     with pytest.raises(ValueError, match="model.random.vocab_size"):
         irpo.run(cfg, str(tmp_path / "c"))
