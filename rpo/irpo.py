@@ -32,10 +32,12 @@ Config fields: see configs/arith_tiny.py, which sets every one of them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -49,7 +51,7 @@ def _log(msg: str) -> None:
     print(f"[rpo.irpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -98,17 +100,18 @@ def check_config(cfg) -> None:
         bad("eval.maj_k", f"must be >= 2 (a majority of one sample is the sample), got {cfg.eval.maj_k}")
 
 
-def _check_same_run(cfg, workdir: str, *, record: bool) -> None:
-    """A workdir holds one experiment: refuse to resume it with a different config. With
-    `record`, a workdir without a recorded config gets this one: the run calls it so once its
-    data is prepared (a run that failed on a bad field before that can be rerun fixed)."""
-    path = os.path.join(workdir, "irpo_config.json")
+def check_same_run(cfg, workdir: str, *, record: bool, name: str = "irpo_config.json") -> None:
+    """A workdir holds one experiment: refuse to resume it with a different config (recorded in
+    workdir/name). With `record`, a workdir without a recorded config gets this one: the IRPO run
+    calls it so once its data is prepared (a run that failed on a bad field before that can be
+    rerun fixed)."""
+    path = os.path.join(workdir, name)
     mine = json.loads(cfg.to_json_best_effort())
     if os.path.exists(path):
         theirs = json.load(open(path))
         done = min(len(theirs["irpo"]["temperatures"]), len(mine["irpo"]["temperatures"]),
-                   max(theirs["irpo"]["iterations"], 0))
-        if mine["irpo"]["temperatures"][:done] != theirs["irpo"]["temperatures"][:done]:
+                   max(theirs["irpo"]["iterations"], 0)) if "irpo" in mine and "irpo" in theirs else 0
+        if done and mine["irpo"]["temperatures"][:done] != theirs["irpo"]["temperatures"][:done]:
             diff = "irpo.temperatures"
         else:
             diff = _first_diff(_stable(mine), _stable(theirs))
@@ -125,7 +128,7 @@ def _stable(cfg_dict: dict) -> dict:
     out = json.loads(json.dumps(cfg_dict))
     for field in _MUTABLE:
         head, _, leaf = field.rpartition(".")
-        (out[head] if head else out).pop(leaf, None)
+        (out.get(head, {}) if head else out).pop(leaf, None)
     return out
 
 
@@ -144,7 +147,7 @@ def _first_diff(a, b, prefix=""):
 # ---------------------------------------------------------------------------------------
 
 
-def _tokenizer(cfg, task):
+def task_tokenizer(cfg, task):
     from rpo.models.hf import load_tokenizer
 
     path = cfg.tokenizer or cfg.model.path
@@ -157,8 +160,12 @@ def _tokenizer(cfg, task):
     raise ValueError("config field tokenizer: empty, and model.path is empty too: name an HF directory")
 
 
-def _prompt_text(cfg, task, tokenizer, example) -> str:
-    text = task.prompt(example)
+def prompt_text(cfg, task, tokenizer, example) -> str:
+    return chat_wrap(cfg, tokenizer, task.prompt(example))
+
+
+def chat_wrap(cfg, tokenizer, text: str) -> str:
+    """text as the user's turn of the tokenizer's chat template when data.chat_template is set."""
     if cfg.data.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("config field data.chat_template: the tokenizer has no chat template")
@@ -167,7 +174,7 @@ def _prompt_text(cfg, task, tokenizer, example) -> str:
     return text
 
 
-def _encode(tokenizer, text: str, bos: bool) -> list[int]:
+def encode(tokenizer, text: str, bos: bool) -> list[int]:
     ids = tokenizer.encode(text, add_special_tokens=False)
     if bos and tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + ids
@@ -182,14 +189,15 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
     for split in ("train", "test"):
         path = os.path.join(workdir, "data", f"{split}.jsonl")
         if os.path.exists(path):
-            out[split] = _read_jsonl(path)
+            out[split] = read_jsonl(path)
             continue
-        examples = task.load(split)
+        train_file = cfg.task.get("train_file", "")
+        examples = load_prompts_file(train_file) if split == "train" and train_file else task.load(split)
         rows, skipped, long_targets, unreachable = [], [], 0, 0
         room = max(cfg.irpo.max_new_tokens, cfg.eval.max_new_tokens)
         for ex in examples:
-            prompt = _prompt_text(cfg, task, tokenizer, ex)
-            prompt_ids = _encode(tokenizer, prompt, cfg.data.add_bos)
+            prompt = prompt_text(cfg, task, tokenizer, ex)
+            prompt_ids = encode(tokenizer, prompt, cfg.data.add_bos)
             if len(prompt_ids) + room > context:
                 if cfg.data.long_prompts == "error":
                     raise ValueError(
@@ -198,9 +206,9 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
                     )
                 skipped.append(ex.uid)
                 continue
-            target = task.target(ex)
+            target = task.target(ex) if ex.solution else None
             if target is not None:
-                target_ids = _encode(tokenizer, target, False) + [tokenizer.eos_token_id]
+                target_ids = encode(tokenizer, target, False) + [tokenizer.eos_token_id]
                 if len(prompt_ids) + len(target_ids) > cfg.seq_len:  # no gold response to train on
                     target, long_targets = None, long_targets + 1
                 elif len(target_ids) > cfg.irpo.max_new_tokens:  # sampling can never write it
@@ -231,6 +239,32 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
         files.write_jsonl(path, rows)
         _log(f"{split}: {len(rows)} prompts -> {path}")
         out[split] = rows
+    return out
+
+
+def load_prompts_file(path: str) -> list:
+    """Training prompts from a JSONL file (task.train_file, e.g. a CoT-Self-Instruct dataset.jsonl): one
+    object per line with "question" and "answer" (optional "uid", "solution", "category")."""
+    from rpo.data import Example
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config field task.train_file: {path} does not exist")
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            for field in ("question", "answer"):
+                if not isinstance(obj.get(field), str) or not obj[field].strip():
+                    raise ValueError(f"{path}:{n}: no {field!r} string")
+            out.append(Example(str(obj.get("uid", f"{os.path.basename(path)}/{n}")), obj["question"], obj["answer"],
+                               str(obj.get("solution", "")), category=str(obj.get("category", ""))))
+    if not out:
+        raise ValueError(f"config field task.train_file: {path} has no rows")
     return out
 
 
@@ -277,12 +311,23 @@ class Models:
 # ---------------------------------------------------------------------------------------
 
 
+def task_fields(task, texts: list[str], rows: list[dict]) -> list[dict]:
+    """The default scoring of sample_and_score: each completion's answer and reward under the task."""
+    answers, correct = task.score(texts, _examples(rows))
+    return [{"answer": a, "correct": bool(c)} for a, c in zip(answers, correct)]
+
+
 def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out_dir: str, *, n: int,
                      temperature: float, top_p: float, top_k: int, max_new_tokens: int, chunk: int, seed: int,
-                     desc: str) -> list[dict]:
-    """N samples per prompt, scored; written in chunks of prompts to out_dir/part-<k>.jsonl (a
-    killed run keeps its finished chunks). Returns one row per sample."""
+                     desc: str, stop: Sequence[str] | None = None, score: Callable | None = None) -> list[dict]:
+    """N samples per prompt (rows[i]["prompt_ids"]), scored; written in chunks of prompts to
+    out_dir/part-<k>.jsonl (a killed run keeps its finished chunks). Returns one row per sample.
+    stop defaults to task.stop; score(texts, rows) -> one dict of fields per completion (rows[m]
+    is completion m's prompt row) defaults to task_fields (answer, correct)."""
     from rpo import report, sampling
+
+    stop = task.stop if stop is None else stop
+    score = score or functools.partial(task_fields, task)
 
     os.makedirs(out_dir, exist_ok=True)
     starts = range(0, len(rows), chunk)
@@ -299,24 +344,22 @@ def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out
             block = rows[starts[k]: starts[k] + chunk]
             out = sampling.generate(
                 model_config, params, [r["prompt_ids"] for r in block], n=n, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos, stop=list(task.stop),
+                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos, stop=list(stop),
                 tokenizer=tokenizer, seed=seed + starts[k], mesh=models.mesh, rules=models.rules, progress=False,
             )
             texts = tokenizer.batch_decode([t for per in out.tokens for t in per], skip_special_tokens=True)
-            examples = [ex for ex in _examples(block) for _ in range(n)]
-            answers, correct = task.score(texts, examples)
+            fields = score(texts, [r for r in block for _ in range(n)])
             samples = []
             for i, r in enumerate(block):
                 for j in range(n):
                     m = i * n + j
                     samples.append({"uid": r["uid"], "prompt_index": starts[k] + i, "sample": j,
                                     "completion_ids": out.tokens[i][j], "text": texts[m],
-                                    "finish_reason": out.finish_reasons[i][j], "answer": answers[m],
-                                    "correct": bool(correct[m])})
+                                    "finish_reason": out.finish_reasons[i][j], **fields[m]})
             files.write_jsonl(parts[k], samples)
             bar.update(len(block) * n)
         bar.close()
-    return [s for p in parts for s in _read_jsonl(p)]
+    return [s for p in parts for s in read_jsonl(p)]
 
 
 def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str, cfg) -> tuple[dict, bool]:
@@ -509,17 +552,17 @@ def run(cfg, workdir: str) -> list[dict]:
 
     check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
-    _check_same_run(cfg, workdir, record=False)
+    check_same_run(cfg, workdir, record=False)
     task = get_task(cfg.task)
-    tokenizer = _tokenizer(cfg, task)
+    tokenizer = task_tokenizer(cfg, task)
     models = Models(cfg)
     if not cfg.model.path and len(tokenizer) > cfg.model.random.vocab_size:
         raise ValueError(f"config field model.random.vocab_size: {cfg.model.random.vocab_size} < the tokenizer's "
                          f"{len(tokenizer)} tokens")
-    context = _context(cfg)
+    context = context_length(cfg)
     data = prepare_data(cfg, task, tokenizer, workdir, context)
-    _check_same_run(cfg, workdir, record=True)
-    _save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
+    check_same_run(cfg, workdir, record=True)
+    save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
     log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     results_path = os.path.join(workdir, "results.json")
     results = []
@@ -562,20 +605,24 @@ def run(cfg, workdir: str) -> list[dict]:
     return results
 
 
-def _context(cfg) -> int:
-    """seq_len, checked against the model's own context."""
+def model_context(cfg) -> tuple[int, str]:
+    """The model's context (max_position_embeddings) and where it is set."""
     if cfg.model.path:
         from rpo.models.config import load_config
 
-        limit, where = load_config(cfg.model.path).max_position_embeddings, f"{cfg.model.path}/config.json"
-    else:
-        limit, where = cfg.model.random.max_position_embeddings, "model.random.max_position_embeddings"
+        return load_config(cfg.model.path).max_position_embeddings, f"{cfg.model.path}/config.json"
+    return cfg.model.random.max_position_embeddings, "model.random.max_position_embeddings"
+
+
+def context_length(cfg) -> int:
+    """seq_len, checked against the model's own context."""
+    limit, where = model_context(cfg)
     if cfg.seq_len > limit:
         raise ValueError(f"config field seq_len={cfg.seq_len}: longer than the model's context ({limit}, {where})")
     return cfg.seq_len
 
 
-def _save_tokenizer(tokenizer, path: str) -> None:
+def save_tokenizer(tokenizer, path: str) -> None:
     """Once per run, atomically (a directory renamed into place)."""
     if os.path.isdir(path):
         return

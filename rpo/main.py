@@ -86,7 +86,18 @@ def irpo_job(config, workdir: str) -> None:
     _log(f"results ({workdir}/results.json, accuracy.png):\n{table}")
 
 
-JOBS = {"irpo": irpo_job, "sample": sample_job, "train": train_job}
+def self_instruct_job(config, workdir: str) -> None:
+    """CoT-Self-Instruct synthesis and filtering (then IRPO with synth.then_irpo): rpo.self_instruct.run."""
+    from rpo import report, self_instruct
+
+    counts = self_instruct.run(config, workdir)
+    rows = [{"outcome": "kept", "count": counts["kept"]}] + [
+        {"outcome": f"rejected: {k}", "count": v} for k, v in counts["reasons"].items()]
+    _log(f"{counts['generations']} generations ({workdir}/dataset.jsonl, rejected.jsonl, counts.json):\n"
+         + report.format_table(rows))
+
+
+JOBS = {"irpo": irpo_job, "sample": sample_job, "self_instruct": self_instruct_job, "train": train_job}
 
 
 def main(argv) -> None:

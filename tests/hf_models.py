@@ -36,10 +36,14 @@ FAMILIES = {
 VOCAB = 97
 
 
-def make_model(name: str, seed: int = 0, *, num_layers: int = 2, std: float = 0.08):
+def make_model(name: str, seed: int = 0, *, num_layers: int = 2, std: float = 0.08, num_labels: int | None = None):
     """A random-weight HF model in eval mode. Weights are normal(0, std) (norm weights
-    around 1) so that logits are spread out rather than near-uniform."""
+    around 1) so that logits are spread out rather than near-uniform. With num_labels, the
+    family's *ForSequenceClassification model (a reward model) instead of its causal LM."""
     cfg_cls, model_cls, overrides = FAMILIES[name]
+    if num_labels is not None:
+        model_cls = model_cls.replace("ForCausalLM", "ForSequenceClassification")
+        overrides = dict(overrides, num_labels=num_labels)
     cfg = getattr(transformers, cfg_cls)(
         vocab_size=VOCAB,
         hidden_size=64,

@@ -1,12 +1,13 @@
 """Tasks: a dataset split, the prompt the model sees, the gold response, and the reward.
 
 Every task (synthetic arithmetic, GSM8K, MATH, ARC-Challenge) is one object with the same
-five methods and a `stop` attribute, so the IRPO loop never branches on the task:
+six methods and a `stop` attribute, so the IRPO loop never branches on the task:
 
   task.load(split)                 -> list[Example]    rows of "train" / "test"
   task.prompt(example)             -> str              the paper's prompt (no chat template)
   task.target(example)             -> str | None       the gold response in the format the
                                                        prompt asks for (SFT, gold winners)
+  task.answer(completion)          -> str | None       the normalised final answer (None: it has none)
   task.score(completions, examples) -> (answers, correct)
         answers: list[str | None]   the extracted, normalised final answer of each
                                     completion (None when it has none): majority votes
@@ -38,6 +39,7 @@ class Example:
     answer: str  # the gold final answer (GSM8K: the number after ####; ARC: the letter)
     solution: str = ""  # the dataset's worked solution, "" when it has none
     choices: tuple[tuple[str, str], ...] = ()  # ARC: ((label, text), ...)
+    category: str = ""  # MATH: the subject; CoT-Self-Instruct pairs seeds of one category
 
 
 class Task(Protocol):
@@ -49,6 +51,8 @@ class Task(Protocol):
     def prompt(self, example: Example) -> str: ...
 
     def target(self, example: Example) -> str | None: ...
+
+    def answer(self, completion: str) -> str | None: ...
 
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[str | None], list[bool]]: ...
 

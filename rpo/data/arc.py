@@ -184,8 +184,12 @@ class ARCTask:
     def target(self, example: Example) -> None:
         return None
 
+    def answer(self, completion: str) -> str | None:
+        from rpo import rewards
+
+        return rewards.arc_answer(completion, self.cfg.strict)
+
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[str | None], list[bool]]:
         from rpo import rewards
 
-        return score_by_answer("arc", completions, examples, lambda c: rewards.arc_answer(c, self.cfg.strict),
-                               rewards.arc_gold)
+        return score_by_answer("arc", completions, examples, self.answer, rewards.arc_gold)

@@ -96,8 +96,12 @@ class GSM8KTask:
     def target(self, example: Example) -> str:
         return f"{CALCULATOR.sub('', example.solution)}\nFinal answer: {example.answer}"
 
+    def answer(self, completion: str) -> str | None:
+        from rpo import rewards
+
+        return rewards.gsm8k_answer(completion, self.cfg.strict)
+
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[str | None], list[bool]]:
         from rpo import rewards
 
-        return score_by_answer("gsm8k", completions, examples, lambda c: rewards.gsm8k_answer(c, self.cfg.strict),
-                               rewards.gsm8k_gold)
+        return score_by_answer("gsm8k", completions, examples, self.answer, rewards.gsm8k_gold)

@@ -20,8 +20,8 @@ Prompt: 4-shot, templates/math.txt (four worked examples written for this projec
 (it contains the \\boxed{} answer); None when the row has no solution with a \\boxed{} or \\fbox{}.
 stop: the next "Problem:" block, what a model continuing the few-shot pattern writes next.
 score(): rpo.rewards.math_score (sympy equivalence with its default timeout).
-uid: "math/<split>/<row>"; level, subject and unique_id stay in the TFDS data (Example has no
-field for them).
+uid: "math/<split>/<row>"; the subject is the Example's category (CoT-Self-Instruct pairs seeds by it);
+level and unique_id stay in the TFDS data (Example has no field for them).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class MathTask:
         rows, self.skipped_rows[split] = tfds_util.load_jsonl_split(self.cfg, split, MathBuilder, what)
         text = tfds_util.text
         return [
-            Example(f"math/{split}/{r['row']}", text(r["question"]), text(r["answer"]), text(r["solution"]))
+            Example(f"math/{split}/{r['row']}", text(r["question"]), text(r["answer"]), text(r["solution"]),
+                    category=text(r["subject"]))
             for r in rows
         ]
 
@@ -110,6 +111,11 @@ class MathTask:
         from rpo import rewards
 
         return example.solution if rewards.extract_boxed(example.solution) is not None else None
+
+    def answer(self, completion: str) -> str | None:
+        from rpo import rewards
+
+        return rewards.math_answer(completion, self.cfg.strict)
 
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> tuple[list[str | None], list[bool]]:
         from rpo import rewards

@@ -118,14 +118,25 @@ class ArithTask:
             return self._generate("test", self.cfg.num_test, exclude=train)
         raise ValueError(f"task arith: no split {split!r} (train | test)")
 
+    def new_problem(self, rng: random.Random) -> Example:
+        """A fresh problem at the task's knobs (what a CoT-Self-Instruct warm start demonstrates writing)."""
+        c = self.cfg
+        question, solution, answer = make_problem(rng, min_steps=c.min_steps, max_steps=c.max_steps,
+                                                  max_value=c.max_value, ops=c.ops)
+        return Example("arith/new", question, str(answer), solution)
+
     def prompt(self, example: Example) -> str:
         return PROMPT.format(question=example.question)
 
     def target(self, example: Example) -> str:
         return example.solution
 
+    def answer(self, completion: str) -> str | None:
+        from rpo import rewards
+
+        return rewards.gsm8k_answer(completion, self.cfg.strict)
+
     def score(self, completions, examples):
         from rpo import rewards
 
-        return score_by_answer("arith", completions, examples, lambda c: rewards.gsm8k_answer(c, self.cfg.strict),
-                               rewards.gsm8k_gold)
+        return score_by_answer("arith", completions, examples, self.answer, rewards.gsm8k_gold)

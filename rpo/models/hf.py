@@ -42,7 +42,9 @@ class _Tensor:
         return "{i}" in self.hf_name
 
 
-def _mapping(c: ModelConfig) -> list[_Tensor]:
+def _mapping(c: ModelConfig, num_labels: int | None = None) -> list[_Tensor]:
+    """The tensors of a causal LM, or with `num_labels` of a sequence classifier (the `score`
+    head [num_labels, D] in place of lm_head)."""
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     h, k, e = c.num_heads, c.num_kv_heads, c.head_dim
     ident = lambda w: w  # noqa: E731
@@ -87,7 +89,9 @@ def _mapping(c: ModelConfig) -> list[_Tensor]:
             _Tensor(("layers", "q_norm"), pre + "self_attn.q_norm.weight", ident, ident, (e,)),
             _Tensor(("layers", "k_norm"), pre + "self_attn.k_norm.weight", ident, ident, (e,)),
         ]
-    if not c.tie_word_embeddings:
+    if num_labels is not None:
+        out.append(_Tensor(("score",), "score.weight", T, T, (num_labels, d)))
+    elif not c.tie_word_embeddings:
         out.append(_Tensor(("lm_head",), "lm_head.weight", T, T, (v, d)))
     return out
 
@@ -127,7 +131,7 @@ def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
 
 
 def load_pretrained(
-    path: str, *, dtype: str = "float32", shardings: Any = None
+    path: str, *, dtype: str = "float32", shardings: Any = None, num_labels: int | None = None
 ) -> tuple[ModelConfig, Params]:
     """Loads an HF model directory (config.json and model.safetensors, or a sharded
     model.safetensors.index.json) into (config, params).
@@ -136,12 +140,17 @@ def load_pretrained(
       `config.replace(dtype=...)` changes the compute dtype alone.
     shardings: optional tree of jax.sharding.Sharding shaped like the params (see
       rpo.sharding.param_shardings); each device then reads only its own slice.
+    num_labels: read a sequence-classification checkpoint instead (rpo.models.reward): no
+      lm_head, and params["score"] [D, num_labels] from the tensor score.weight.
     """
     config = config_lib.load_config(path).replace(dtype=dtype)
     np_dtype = np.dtype(jnp.dtype(dtype))
     where = _open_checkpoint(path)
-    mapping = _mapping(config)
+    mapping = _mapping(config, num_labels)
     shapes = param_shapes(config)
+    if num_labels is not None:
+        shapes.pop("lm_head", None)
+        shapes["score"] = (config.hidden_size, num_labels)
 
     # Check every tensor before reading any: a bad checkpoint fails fast and names the tensor.
     for t in mapping:

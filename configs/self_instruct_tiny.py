@@ -1,0 +1,73 @@
+"""CoT-Self-Instruct on the synthetic arithmetic task, on a laptop CPU, then Iterative RPO on what it kept.
+
+  python -m rpo.main --config=configs/self_instruct_tiny.py                 # synthesize + filter
+  python -m rpo.main --config=configs/self_instruct_tiny.py:irpo            # ... then IRPO on the kept problems
+  python -m rpo.main --config=configs/self_instruct_tiny.py:filter=self_consistency,method=self_instruct
+
+A random model cannot follow a template, so M_0 is first trained (init) on the task's gold solutions plus
+demonstrations of the synthesis format: two seed problems in configs/templates/self_instruct_arith.txt, then a
+fresh problem from the task's generator written as CoT-Self-Instruct asks (its solution, the question between
+[New Question Begin]/[New Question End], the \\boxed{} answer between the final-answer markers). The model then
+writes new problems from seed pairs it has not seen; parsing, near-duplicate removal and Answer-Consistency
+(K = 8 solutions by the same model) decide which are kept. Outputs: <workdir>/dataset.jsonl, rejected.jsonl,
+counts.json (rpo/self_instruct.py describes every file).
+
+Variants (comma-separated): irpo (then 2 IRPO iterations on dataset.jsonl, in <workdir>/irpo),
+method=cot|self_instruct, filter=answer_consistency|self_consistency|none, quick (seconds, for tests),
+workdir=<dir>. Model, training and IRPO fields are configs/arith_tiny.py's, with a longer context.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _arith_tiny():
+    """configs/arith_tiny.py, loaded by path (config files are not a package)."""
+    spec = importlib.util.spec_from_file_location("arith_tiny_config", os.path.join(HERE, "arith_tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
+    c = _arith_tiny().get_config("quick" if "quick" in opts else None)
+    c.mode = "self_instruct"
+    c.workdir = opts.get("workdir", "runs/self_instruct_tiny")
+    c.model.random.max_position_embeddings = 512
+    c.seq_len = 448
+    method = opts.get("method", "cot")
+    c.synth = ml_collections.ConfigDict(dict(
+        kind="verifiable", method=method,
+        template=os.path.join(HERE, "templates", "self_instruct_arith.txt"),  # '' = rpo's <method>_<kind>.txt
+        judge_template="",  # RIP with the policy as judge; '' = rpo's judge.txt
+        seeds_file="",  # '' = the task's train split
+        max_seeds=64,  # a few seeds: the generations must be new problems, not recalled ones
+        num_generations=256, temperature=0.8, top_p=1.0, top_k=0, max_new_tokens=256, chunk_prompts=128,
+        filter=opts.get("filter", "answer_consistency" if method == "cot" else "self_consistency"),
+        num_solutions=8, solve_temperature=0.8, solve_max_new_tokens=48,
+        min_vote_share=0.0, ties="reject",  # answer-consistency: a tie for the top rejects
+        self_consistency_threshold=0.5,
+        rip_percentile=50.0, reward_model="", reward_batch_size=16, judge_max_new_tokens=16,
+        dedup_threshold=0.7,  # ROUGE-L F1 against the seeds and earlier kept questions
+        then_irpo="irpo" in opts,
+    ))
+    # M_0: gold solutions (20k rows) plus num_demos synthesis demonstrations.
+    c.init.update(num_steps=300, batch_size=16)
+    c.init.num_demos = 4000
+    c.irpo.update(iterations=2, prompts_per_iteration=0)
+
+    if "quick" in opts:
+        c.seq_len = 320
+        c.synth.update(max_seeds=16, num_generations=32, max_new_tokens=200, num_solutions=4, chunk_prompts=32,
+                       solve_max_new_tokens=32)
+        c.init.update(num_steps=200, batch_size=8)
+        c.init.num_demos = 256
+        c.irpo.iterations = 1
+    return c
