@@ -106,3 +106,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       temperatures=(0.7, 0.7), max_new_tokens=32)
         c.eval.update(max_new_tokens=32, maj_k=4)
     return c
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """IRPO's loss settings (beta, alpha) x the iteration learning rate: 8 points, each a full run.
+
+      ./launch.sh sweep configs/arith_tiny.py          # runs/arith_tiny_sweep/<point>/, then a summary table
+      ./launch.sh sweep configs/arith_tiny.py:quick    # 2 short points (beta only), on the quick variant
+    """
+    from rpo.sweep import product
+
+    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
+    if "quick" in opts:
+        return product({"train.loss.beta": (0.1, 0.5)})
+    return product({"train.loss.beta": (0.1, 0.5), "train.loss.alpha": (1.0, 4.0), "train.optim.lr": (5e-4, 5e-5)})
