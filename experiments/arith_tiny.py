@@ -2,8 +2,9 @@
 
 Runs the README's main job (configs/arith_tiny.py: SFT warm start -> M_0, then 3 IRPO
 iterations) and times it; then, from that same M_0 and with the same number of training
-steps per iteration, the baselines: SFT on gold, STaR, and DPO without NLL. Writes the table
-to experiments/results/arith_tiny.md (and prints it).
+steps per iteration, the baselines: SFT on gold, STaR, and DPO without NLL. Writes the table,
+then the same rows in the layout of the paper's Table 1 (Pang et al. 2024) beside the paper's
+GSM8K numbers, to experiments/results/arith_tiny.md (and prints it).
 
   python experiments/arith_tiny.py [--runs runs/table] [--only irpo,sft_gold,star,dpo]
 
@@ -29,6 +30,10 @@ METHODS = {  # name -> (config variant, what it is)
     "star": ("baseline=star", "STaR: SFT on its own correct samples"),
     "dpo": ("baseline=dpo", "DPO without the NLL term (alpha = 0)"),
 }
+# The paper's Table 1 (Pang et al. 2024): Llama-2-70B-Chat, GSM8K test, greedy accuracy in %.
+PAPER_GSM8K = {"zero_shot": 55.6, "sft_gold": 63.5, "star": 65.2, "dpo": 61.8, "irpo": (73.1, 78.0, 81.1, 81.6)}
+PAPER_GSM8K_MAJ32 = 88.7  # Iterative RPO iteration 4, majority vote over 32 samples
+TABLE1_NAMES = {"sft_gold": "SFT on gold", "star": "STaR", "dpo": "DPO without NLL"}
 
 
 def run(name: str, runs: str, m0: str | None) -> tuple[list[dict], float]:
@@ -42,6 +47,42 @@ def run(name: str, runs: str, m0: str | None) -> tuple[list[dict], float]:
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
     return json.load(open(os.path.join(workdir, "results.json"))), time.time() - t0
+
+
+def table1(results: dict[str, list[dict]], k: int) -> list[str]:
+    """The rows of `results` (method -> results.json rows, iteration 0 = M_0) in the layout of the paper's
+    Table 1: zero-shot (M_0), each baseline after its last iteration, IRPO iteration by iteration; greedy
+    accuracy and maj@k, with the paper's GSM8K greedy accuracy beside each row for reference."""
+    irpo = results["irpo"]
+    lines = [
+        "## Table 1 in miniature",
+        "",
+        "The measured rows of the table above, re-laid in the layout of the paper's Table 1 (Pang et al. 2024): "
+        "same run, same command (`python experiments/arith_tiny.py`). Each baseline is shown after its last "
+        "iteration, with as many training steps after M_0 as the IRPO row of that iteration. The last column is "
+        "the paper's GSM8K greedy accuracy with Llama-2-70B-Chat, for reference only: another model, task and "
+        "scale.",
+        "",
+        f"| method | train steps after M_0 | greedy accuracy | maj@{k} | paper: GSM8K greedy, Llama-2-70B-Chat |",
+        "|---|---|---|---|---|",
+    ]
+
+    def row(label: str, r: dict, steps: int, paper: str) -> str:
+        return f"| {label} | {steps} | {r['greedy_accuracy']:.3f} | {r['maj_accuracy']:.3f} | {paper} |"
+
+    lines.append(row("zero-shot (M_0: here the SFT warm start)", irpo[0], 0, f"{PAPER_GSM8K['zero_shot']}%"))
+    for name, label in TABLE1_NAMES.items():
+        if name in results and len(results[name]) > 1:
+            last = results[name][-1]
+            lines.append(row(f"{label} (iteration {last['iteration']})", last,
+                             last["train_steps"] - results[name][0]["train_steps"], f"{PAPER_GSM8K[name]}%"))
+    for r in irpo[1:]:
+        t = r["iteration"]
+        paper = f"{PAPER_GSM8K['irpo'][t - 1]}%" if t <= len(PAPER_GSM8K["irpo"]) else "-"
+        lines.append(row(f"Iterative RPO, iteration {t}", r, r["train_steps"] - irpo[0]["train_steps"], paper))
+    lines += ["", f"The paper's Iterative RPO iteration 4 (not run here): {PAPER_GSM8K['irpo'][3]}% greedy, "
+              f"{PAPER_GSM8K_MAJ32}% with majority voting over 32 samples."]
+    return lines
 
 
 def main() -> None:
@@ -80,6 +121,7 @@ def main() -> None:
     lines += ["", "Methods:"] + [f"- `{n}`: {METHODS[n][1]}" for n in names]
     lines += ["", f"Wall time of the main job (`python -m rpo.main`, warm start + 3 iterations, compile included): "
               f"{times['irpo'] / 60:.1f} min."]
+    lines += [""] + table1(results, k)
     text = "\n".join(lines) + "\n"
     out = os.path.join(ROOT, "experiments", "results", "arith_tiny.md")
     with open(out, "w") as f:

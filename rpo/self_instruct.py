@@ -48,6 +48,7 @@ problem the task's generator writes (task.new_problem) in the format the templat
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import random
@@ -159,6 +160,15 @@ def seed_pairs(seeds: list[dict], count: int, rng: np.random.Generator) -> list[
     return pairs
 
 
+def parse_generation(text: str, kind: str, method: str) -> filters.Parsed:
+    """A generation parsed for its template family. A reasoning model's <think>...</think> block is dropped first:
+    draft markers in it are not its answer."""
+    text = text.rpartition("</think>")[2]
+    if kind == "instruction":
+        return filters.parse_instruction(text)
+    return filters.parse_verifiable(text, with_answer=method == "cot")
+
+
 def template_name(cfg) -> str:
     return cfg.synth.template or f"{cfg.synth.method}_{cfg.synth.kind}"
 
@@ -223,15 +233,9 @@ def run(cfg, workdir: str) -> dict:
         files.write_jsonl(prompts_path, rows)
     prompts = irpo.read_jsonl(prompts_path)
     fits = [r for r in prompts if len(r["prompt_ids"]) + s.max_new_tokens <= context]
-    parse = (lambda t: filters.parse_instruction(t)) if s.kind == "instruction" else (
-        lambda t: filters.parse_verifiable(t, with_answer=s.method == "cot"))
 
     def parsed_fields(texts, rows):
-        out = []
-        for text in texts:
-            p = parse(text)
-            out.append({"question": p.question, "answer": p.answer, "reason": p.reason})
-        return out
+        return [dataclasses.asdict(parse_generation(t, s.kind, s.method)) for t in texts]
 
     gens = irpo.sample_and_score(
         models, model_path, None, tokenizer, fits, os.path.join(gen_dir, "samples"), n=1, temperature=s.temperature,

@@ -57,6 +57,18 @@ def test_demonstrations_parse_back():
     assert text.endswith(si.END_MARKER[("verifiable", "self_instruct")])
 
 
+def test_a_thinking_block_is_not_parsed():
+    """Draft markers inside <think>...</think> (Qwen3's thinking mode) neither count twice nor stand in for the
+    answer written after the block."""
+    final = si.demo_response("verifiable", "cot", "Ben has 5 eggs. How many eggs?", "", "5")
+    draft = "<think>" + si.demo_response("verifiable", "cot", "draft?", "", "1") + "</think>\n"
+    parsed = si.parse_generation(draft + final, "verifiable", "cot")
+    assert parsed == filters.Parsed("Ben has 5 eggs. How many eggs?", "5")
+    assert filters.parse_verifiable(draft + final).reason == filters.MULTIPLE_QUESTIONS  # what the block would cause
+    assert si.parse_generation("[New Prompt Begin]Write a poem.[New Prompt End]", "instruction", "cot").question \
+        == "Write a poem."
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("kind", "essay", "synth.kind"),
     ("filter", "vibes", "synth.filter"),
