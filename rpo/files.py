@@ -3,6 +3,11 @@
 Every file rpo writes goes through `atomic_write`: a temporary name beside the target, fsync,
 then a rename. A reader, or a run resumed after a crash, sees the old file or the new one,
 never half of one; a failed write leaves no temporary behind.
+
+On several processes (rpo.distributed) a write is collective: every process calls it, in the
+same order; process 0 writes the file and the others write into /dev/null, between two barriers.
+So no process sees a file appear while another is deciding whether it exists, and once the call
+returns every process can read what process 0 wrote (on the shared workdir).
 """
 
 from __future__ import annotations
@@ -12,9 +17,17 @@ import json
 import os
 from typing import Iterable, Iterator
 
+from rpo import distributed
+
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w") -> Iterator:
+    distributed.sync(f"rpo.files: before writing {path}")
+    if not distributed.is_main():
+        with open(os.devnull, mode) as f:
+            yield f
+        distributed.sync(f"rpo.files: wrote {path}")
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -26,6 +39,7 @@ def atomic_write(path: str, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    distributed.sync(f"rpo.files: wrote {path}")
 
 
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:

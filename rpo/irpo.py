@@ -418,7 +418,7 @@ def _phase_config(cfg, block, *, model_path: str, train_path: str, kind: str):
 def train_phase(cfg, block, models: Models, *, model_path: str, train_path: str, kind: str, out_dir: str, tokenizer,
                 desc: str) -> str:
     """Runs (or resumes) one rpo.train phase into out_dir; returns the HF directory of the result."""
-    from rpo import report, train
+    from rpo import distributed, report, train
 
     final = os.path.join(out_dir, "final")
     if os.path.exists(os.path.join(out_dir, DONE)):
@@ -433,7 +433,8 @@ def train_phase(cfg, block, models: Models, *, model_path: str, train_path: str,
 
     train.run(pcfg, out_dir, on_step=on_step, echo=False)
     bar.close()
-    tokenizer.save_pretrained(final)  # final/ is complete only once DONE is written
+    if distributed.is_main():
+        tokenizer.save_pretrained(final)  # final/ is complete only once DONE is written (a collective write)
     files.write_json(os.path.join(out_dir, DONE), {"steps": pcfg.num_steps, "kind": kind, "train_path": train_path})
     return final
 
@@ -623,12 +624,15 @@ def context_length(cfg) -> int:
 
 
 def save_tokenizer(tokenizer, path: str) -> None:
-    """Once per run, atomically (a directory renamed into place)."""
-    if os.path.isdir(path):
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path)
+    """Once per run, atomically (a directory renamed into place), by process 0; every process
+    returns once it is there."""
+    from rpo import distributed
+
+    if distributed.is_main() and not os.path.isdir(path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, path)
+    distributed.sync("save_tokenizer")
 
 
 def _record(log, results, path, workdir) -> None:

@@ -14,7 +14,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rpo import files
+from rpo import distributed, files
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arith_tiny.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file (get_config).")
@@ -103,6 +103,7 @@ JOBS = {"irpo": irpo_job, "sample": sample_job, "self_instruct": self_instruct_j
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize()  # several hosts: RPO_* / SLURM / Cloud TPU environment (rpo.distributed)
     logging.set_verbosity(logging.WARNING)  # orbax / XLA chatter; rpo reports its own progress
     config = _CONFIG.value
     if config.mode not in JOBS:

@@ -15,6 +15,9 @@
   format_table      the same rows as a Markdown table.
   plot_results      a PNG of every *_accuracy column against the iteration (matplotlib Agg,
                     imported on first use).
+On several processes (rpo.distributed) only process 0 shows progress bars and writes logs and
+event files; elsewhere they are silent no-ops, so callers need not branch. results.json and the
+plot go through rpo.files (written by process 0, called by every process).
 """
 
 from __future__ import annotations
@@ -30,17 +33,18 @@ from typing import IO, Iterable, Mapping, Sequence
 
 from tqdm import tqdm
 
-from rpo import files
+from rpo import distributed, files
 
 
 def progress(
     iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it", file: IO | None = None
 ) -> tqdm:
-    """A progress bar for one stage (wrap an iterable, or call .update(n) on it; close it or use `with`)."""
+    """A progress bar for one stage (wrap an iterable, or call .update(n) on it; close it or use `with`).
+    Hidden on processes other than 0."""
     file = sys.stderr if file is None else file
     tty = hasattr(file, "isatty") and file.isatty()
     return tqdm(iterable, desc=desc, total=total, unit=unit, file=file, mininterval=0.5 if tty else 30.0,
-                dynamic_ncols=tty, ascii=not tty)
+                dynamic_ncols=tty, ascii=not tty, disable=not distributed.is_main())
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,9 +121,13 @@ def tfrecord(data: bytes) -> bytes:
 
 
 class EventWriter:
-    """Scalars to logdir/events.out.tfevents.<time>.<host>.<pid>[.<n>] (a new file per writer)."""
+    """Scalars to logdir/events.out.tfevents.<time>.<host>.<pid>[.<n>] (a new file per writer).
+    On processes other than 0 it writes nothing and `path` is None."""
 
     def __init__(self, logdir: str):
+        self.path, self._file = None, None
+        if not distributed.is_main():
+            return
         os.makedirs(logdir, exist_ok=True)
         base = os.path.join(logdir, f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}")
         self.path, n = base, 0
@@ -138,18 +146,19 @@ class EventWriter:
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """One event holding every value (as float32), written and flushed at once."""
-        if not values:
+        if not values or self._file is None:
             return
         values = {str(tag): float(value) for tag, value in values.items()}
         self._file.write(tfrecord(encode_event(int(step), time.time(), scalars=values)))
         self._file.flush()
 
     def flush(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self.flush()
             self._file.close()
 
@@ -163,11 +172,12 @@ class EventWriter:
 class MetricsLog:
     """Rows {"step", "split", "time", **metrics} appended to a JSONL file and flushed per line
     (the format of rpo.train's metrics.jsonl), and the metrics as TensorBoard scalars tagged
-    "<split>/<name>" in `logdir` (default: the JSONL file's directory)."""
+    "<split>/<name>" in `logdir` (default: the JSONL file's directory). Process 0 only: elsewhere
+    the metrics are checked and dropped."""
 
     def __init__(self, path: str, logdir: str | None = None):
         self.path = path
-        self._file = open(path, "a")
+        self._file = open(path, "a") if distributed.is_main() else None
         self.events = EventWriter(os.path.dirname(os.path.abspath(path)) if logdir is None else logdir)
 
     def log(self, step: int, metrics: Mapping[str, float], *, split: str = "train") -> None:
@@ -177,13 +187,16 @@ class MetricsLog:
                 values[name] = float(value)
             except (TypeError, ValueError):
                 raise TypeError(f"{self.path}: metric {name!r} at step {step} is not a number: {value!r}") from None
+        if self._file is None:
+            return
         row = {"step": int(step), "split": split, "time": time.time(), **values}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         self.events.scalars({f"{split}/{name}": value for name, value in values.items()}, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         self.events.close()
 
     def __enter__(self) -> MetricsLog:

@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from rpo import distributed
 from rpo import sharding as sharding_lib
 from rpo.models import decoder
 from rpo.models.config import ModelConfig
@@ -134,7 +135,10 @@ def generate(
       at least 1); each batch's prompt count is bucketed to a power of two.
     mesh: run under this mesh; rows are sharded over the batch axes of `rules`, params by the
       same rules as training (rpo.sharding.param_shardings; a no-op for params already
-      placed that way). The row bucket is then also a multiple of the batch axes' size.
+      placed that way). The row bucket is then also a multiple of the batch axes' size. The mesh
+      may span processes (rpo.distributed; then it is required): every process calls generate
+      with the same arguments, packs only the prompt rows its devices hold, and gets every
+      completion back.
     progress: print a line per batch to stderr (default: when there is more than one batch).
     """
     if n < 1:
@@ -159,6 +163,8 @@ def generate(
     if decode is None and tokenizer is not None:
         decode = lambda ids: tokenizer.decode(ids)  # noqa: E731
     eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
+    if mesh is None and distributed.process_count() > 1:
+        raise ValueError(f"generate on {distributed.process_count()} processes needs mesh= (a mesh over their devices)")
 
     greedy = temperature == 0.0
     top_k = 0 if greedy or top_k >= config.vocab_size else int(top_k)
@@ -208,13 +214,18 @@ def generate(
         rows = bucket(len(idx), row_multiple)
         rows = -(-rows // row_multiple) * row_multiple
         plen = bucket(max(len(prompts[i]) for i in idx), min_prompt_bucket)
-        tokens_RP, positions_RP, mask_RP, ids_R, active_R = _pack(prompts, idx, rows, plen, config.pad_token_id)
-        batch = dict(tokens=tokens_RP, positions=positions_RP, mask=mask_RP, ids=ids_R, active=active_R)
-        if mesh is not None:
-            batch = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim, rules)) for k, v in batch.items()}
+        if mesh is None:
+            batch = _pack(prompts, list(idx), rows, plen, config.pad_token_id)
+        else:  # each process packs the rows its devices hold (real rows first, as in the whole batch)
+            mine = distributed.process_rows(sharding_lib.batch_sharding(mesh, 1, rules), (rows,))
+            local = _pack(prompts, [idx[r] for r in mine if r < len(idx)], len(mine), plen, config.pad_token_id)
+            batch = jax.make_array_from_process_local_data(
+                {k: sharding_lib.batch_sharding(mesh, v.ndim, rules) for k, v in local.items()}, local,
+                {k: (rows,) + v.shape[1:] for k, v in local.items()},
+            )
         state = _prefill(config, spec, mesh, rules, params, batch, consts)
         state = _decode(config, spec, mesh, rules, params, state, consts)
-        toks_BM, lps_BM, lens_B, reason_B = jax.device_get(
+        toks_BM, lps_BM, lens_B, reason_B = distributed.fetch(
             (state["tokens"], state["logprobs"], state["length"], state["reason"])
         )
         for r, i in enumerate(idx):
@@ -233,7 +244,7 @@ def generate(
             out_logprobs.append(ls)
             out_reasons.append(rs)
         done_rows += len(idx)
-        if progress:
+        if progress and distributed.is_main():
             dt = time.time() - t0
             print(
                 f"[rpo.sampling] batch {bi + 1}/{len(batches)}: {done_rows}/{len(prompts)} prompts "
@@ -265,8 +276,9 @@ class _Spec:
     stop_shape: tuple[int, int]
 
 
-def _pack(prompts, idx, rows: int, plen: int, pad_id):
-    """Left-padded [R, P] tokens, positions, mask; prompt ids [R]; active [R]."""
+def _pack(prompts, idx, rows: int, plen: int, pad_id) -> dict[str, np.ndarray]:
+    """Prompts idx (then inactive padding rows) as a batch of `rows`: left-padded [R, P] tokens,
+    positions, mask; prompt ids [R]; active [R]."""
     pad = 0 if pad_id is None else int(pad_id)
     tokens = np.full((rows, plen), pad, np.int32)
     positions = np.zeros((rows, plen), np.int32)
@@ -282,7 +294,7 @@ def _pack(prompts, idx, rows: int, plen: int, pad_id):
         active[r] = True
     # Inactive (bucket padding) rows get one real token so that their softmax rows are finite.
     mask[~active, -1] = True
-    return tokens, positions, mask, ids, active
+    return dict(tokens=tokens, positions=positions, mask=mask, ids=ids, active=active)
 
 
 def _encode_stops(stop: list[str], tokenizer) -> np.ndarray:

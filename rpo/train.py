@@ -21,7 +21,9 @@ Training rows are right-padded to the config's seq_len, with explicit masks and 
   row_mask_B bool       False for padding pairs/rows (a partial batch), which count nowhere
 A row longer than seq_len raises, unless data.truncate is set: then the response's tail is
 cut (the prompt is kept whole) and the reference log-probs must be computed the same way.
-The train step takes every array with a leading M axis ([M, B/M, ...]).
+The train step takes every array with a leading M axis ([M, B/M, ...]). `device_batch` places a
+batch on the mesh: each process packs only the rows its devices hold, so the mesh may span
+processes (rpo.distributed); on one process it is exactly split_micro(make_batch(...)).
 
 Exact gradient accumulation. The step first counts, over the whole [M, B/M] batch, the
 normaliser: real pairs (preference losses, a mean over pairs, whose NLL term is already
@@ -43,6 +45,10 @@ Outputs under workdir: metrics.jsonl (one JSON object per logged step: split tra
 the same scalars as TensorBoard event files,
 checkpoints/ (orbax, resumed from the latest on restart), final/ (HF safetensors model),
 and {train,eval}_pairs_with_ref.jsonl when reference log-probs had to be computed.
+On several processes every process runs `run` (it is SPMD: same steps, same collectives); orbax
+saves and restores checkpoints from every process, while metrics, event files, the reference
+log-prob files and final/ are written by process 0 (rpo.files, rpo.report), and final/ is
+complete for every process when `run` returns.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ import numpy as np
 import optax
 
 from rpo import checkpoint as ckpt
-from rpo import files, losses, report, sharding
+from rpo import distributed, files, losses, report, sharding
 from rpo.models.config import ModelConfig
 from rpo.models.decoder import Params, param_shapes
 from rpo.models.hf import load_model
@@ -183,6 +189,28 @@ def split_micro(batch: Batch, micro: int) -> Batch:
     if b % micro:
         raise ValueError(f"batch of {b} rows does not split into grad_accum={micro} micro-batches")
     return {k: v.reshape((micro, b // micro) + v.shape[1:]) for k, v in batch.items()}
+
+
+def device_batch(rows: list[dict], kind: str, batch_size: int, *, mesh, rules, grad_accum: int | None = None,
+                 seq_len: int, pad_id: int, truncate: bool) -> Batch:
+    """`rows` (padded to batch_size) as global arrays on `mesh`, rows sharded over the batch axes:
+    [B, ...], or [M, B/M, ...] with grad_accum=M. Each process packs only the rows its own devices
+    hold (rpo.distributed.process_rows); the values are those of split_micro(make_batch(...))."""
+    micro_count = grad_accum or 1
+    if batch_size % micro_count:
+        raise ValueError(f"batch of {batch_size} rows does not split into grad_accum={micro_count} micro-batches")
+    micro = batch_size // micro_count
+    lead = (micro_count, micro) if grad_accum else (micro,)
+    dim = len(lead) - 1
+    mine = distributed.process_rows(sharding.batch_sharding(mesh, len(lead), rules, dim), lead, dim)
+    parts = [
+        make_batch([rows[j] for j in (m * micro + mine).tolist() if j < len(rows)], kind, len(mine),
+                   seq_len=seq_len, pad_id=pad_id, truncate=truncate)
+        for m in range(micro_count)
+    ]
+    local = {k: np.stack([p[k] for p in parts]) if grad_accum else parts[0][k] for k in parts[0]}
+    shapes = {k: lead + v.shape[len(lead):] for k, v in local.items()}
+    return jax.make_array_from_process_local_data(batch_shardings(mesh, rules, local, dim), local, shapes)
 
 
 def step_rows(num_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -369,12 +397,12 @@ def add_reference_logps(
     pass, sets 'ref_chosen_logp' / 'ref_rejected_logp' on the rows, and writes them to
     `out_path` atomically. Returns the rows. on_batch(rows done in the batch): progress."""
     mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    example = make_batch([], "pairs", batch_size, seq_len=seq_len, pad_id=pad_id, truncate=truncate)
-    fn = make_logps_fn(model_config, mesh, rules, example, chunk_size=chunk_size)
+    pack = dict(seq_len=seq_len, pad_id=pad_id, truncate=truncate)
+    fn = make_logps_fn(model_config, mesh, rules, make_batch([], "pairs", batch_size, **pack), chunk_size=chunk_size)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        batch = make_batch(chunk, "pairs", batch_size, seq_len=seq_len, pad_id=pad_id, truncate=truncate)
-        logp_BP, _ = jax.device_get(fn(params, batch))
+        batch = device_batch(chunk, "pairs", batch_size, mesh=mesh, rules=rules, **pack)
+        logp_BP, _ = distributed.fetch(fn(params, batch))
         for row, (c, r) in zip(chunk, logp_BP[: len(chunk)]):
             row[_REF[0]], row[_REF[1]] = float(c), float(r)
         if on_batch is not None:
@@ -413,6 +441,8 @@ _SHOWN = ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/r
 
 
 def _show(step: int, split: str, metrics: dict) -> None:
+    if not distributed.is_main():
+        return
     short = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k in _SHOWN)
     print(f"[rpo.train] {split} step {step}: {short}", file=sys.stderr, flush=True)
 
@@ -469,7 +499,7 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
         state = jax.device_put(init_state(params, optimizer), s_shard)
     del params
     log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    if start:
+    if start and distributed.is_main():
         print(f"[rpo.train] resumed from {mngr.directory} at step {start}", file=sys.stderr, flush=True)
 
     def evaluate(step):
@@ -478,7 +508,8 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
         if cfg.eval_batches > 0:
             batches = batches[: cfg.eval_batches]
         for b0 in batches:
-            sums = jax.device_get(eval_fn(state["params"], make_batch(eval_rows[b0: b0 + micro], kind, micro, **pack)))
+            batch = device_batch(eval_rows[b0: b0 + micro], kind, micro, mesh=mesh, rules=rules, **pack)
+            sums = distributed.fetch(eval_fn(state["params"], batch))
             total = sums if total is None else jax.tree.map(np.add, total, sums)
         log.log(step, _means(total), split="eval")
         if echo:
@@ -487,9 +518,9 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
     try:
         for step in range(start, cfg.num_steps):
             rows = [train_rows[i] for i in step_rows(len(train_rows), cfg.batch_size, step, cfg.seed)]
-            batch = split_micro(make_batch(rows, kind, cfg.batch_size, **pack), cfg.grad_accum)
+            batch = device_batch(rows, kind, cfg.batch_size, grad_accum=cfg.grad_accum, mesh=mesh, rules=rules, **pack)
             state, metrics = step_fn(state, batch)
-            metrics = jax.device_get(metrics)
+            metrics = distributed.fetch(metrics)
             metrics["lr"] = schedule(step)
             done = step + 1
             if not math.isfinite(float(metrics["loss"])):
@@ -516,10 +547,18 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
     if start < cfg.num_steps or not os.path.isdir(final):  # a resumed run that trained on rewrites it
         from rpo.models.hf import save_pretrained
 
-        tmp, old = f"{final}.tmp{os.getpid()}", f"{final}.old{os.getpid()}"
-        save_pretrained(model_config, jax.device_get(state["params"]), tmp)
-        if os.path.isdir(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        # Every process takes part (the gather, rpo.files' barriers); process 0 writes and renames.
+        host_params = distributed.fetch(state["params"])
+        tmp, old = f"{final}.tmp", f"{final}.old"
+        if distributed.is_main():  # left by a run killed while saving
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        distributed.sync(f"rpo.train: {tmp} cleared")
+        save_pretrained(model_config, host_params, tmp)
+        if distributed.is_main():
+            if os.path.isdir(final):
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        distributed.sync(f"rpo.train: {final} written")
     return state["params"]
