@@ -19,29 +19,29 @@ workdir=<dir>. Model, training and IRPO fields are configs/arith_tiny.py's, with
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
 
+from rpo.files import load_module
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _arith_tiny():
-    """configs/arith_tiny.py, loaded by path (config files are not a package)."""
-    spec = importlib.util.spec_from_file_location("arith_tiny_config", os.path.join(HERE, "arith_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
-    c = _arith_tiny().get_config("quick" if "quick" in opts else None)
+    arith_tiny = load_module(os.path.join(HERE, "arith_tiny.py"))  # config files are not a package
+    c = arith_tiny.get_config("quick" if "quick" in opts else None)
     c.mode = "self_instruct"
     c.workdir = opts.get("workdir", "runs/self_instruct_tiny")
     c.model.random.max_position_embeddings = 512
-    c.seq_len = 448
+    # Easier problems than arith_tiny's (values <= 10, 1-2 steps): the model that writes problems must also
+    # solve them well enough for Answer-Consistency to mean something.
+    if "quick" not in opts:  # quick keeps arith_tiny:quick's one-step sums
+        c.task.update(max_value=10, min_steps=1, max_steps=2)
+    c.seq_len = 384  # the longest warm-start row (two seeds + a demonstration) is 366 characters
     method = opts.get("method", "cot")
     c.synth = ml_collections.ConfigDict(dict(
         kind="verifiable", method=method,
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         judge_template="",  # RIP with the policy as judge; '' = rpo's judge.txt
         seeds_file="",  # '' = the task's train split
         max_seeds=64,  # a few seeds: the generations must be new problems, not recalled ones
-        num_generations=256, temperature=0.8, top_p=1.0, top_k=0, max_new_tokens=256, chunk_prompts=128,
+        num_generations=256, temperature=0.8, top_p=1.0, top_k=0, max_new_tokens=224, chunk_prompts=128,
         filter=opts.get("filter", "answer_consistency" if method == "cot" else "self_consistency"),
         num_solutions=8, solve_temperature=0.8, solve_max_new_tokens=48,
         min_vote_share=0.0, ties="reject",  # answer-consistency: a tie for the top rejects
@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         then_irpo="irpo" in opts,
     ))
     # M_0: gold solutions (20k rows) plus num_demos synthesis demonstrations.
-    c.init.update(num_steps=300, batch_size=16)
+    c.init.update(num_steps=600, batch_size=16)
     c.init.num_demos = 4000
     c.irpo.update(iterations=2, prompts_per_iteration=0)
 

@@ -13,8 +13,10 @@ returns every process can read what process 0 wrote (on the shared workdir).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
+from types import ModuleType
 from typing import Iterable, Iterator
 
 from rpo import distributed
@@ -52,3 +54,31 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
 def write_json(path: str, obj, indent: int = 2) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=indent)
+
+
+def jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object
+    stops with an error naming path:line."""
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object")
+            yield n, obj
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [obj for _, obj in jsonl_rows(path)]
+
+
+def load_module(path: str) -> ModuleType:
+    """A Python file loaded by path as a module (config files are not a package)."""
+    spec = importlib.util.spec_from_file_location("rpo_file_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

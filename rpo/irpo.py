@@ -51,11 +51,6 @@ def _log(msg: str) -> None:
     print(f"[rpo.irpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ---------------------------------------------------------------------------------------
 # Config checks and the run's identity
 # ---------------------------------------------------------------------------------------
@@ -189,7 +184,7 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
     for split in ("train", "test"):
         path = os.path.join(workdir, "data", f"{split}.jsonl")
         if os.path.exists(path):
-            out[split] = read_jsonl(path)
+            out[split] = files.read_jsonl(path)
             continue
         train_file = cfg.task.get("train_file", "")
         examples = load_prompts_file(train_file) if split == "train" and train_file else task.load(split)
@@ -250,19 +245,12 @@ def load_prompts_file(path: str) -> list:
     if not os.path.isfile(path):
         raise ValueError(f"config field task.train_file: {path} does not exist")
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            for field in ("question", "answer"):
-                if not isinstance(obj.get(field), str) or not obj[field].strip():
-                    raise ValueError(f"{path}:{n}: no {field!r} string")
-            out.append(Example(str(obj.get("uid", f"{os.path.basename(path)}/{n}")), obj["question"], obj["answer"],
-                               str(obj.get("solution", "")), category=str(obj.get("category", ""))))
+    for n, obj in files.jsonl_rows(path):
+        for field in ("question", "answer"):
+            if not isinstance(obj.get(field), str) or not obj[field].strip():
+                raise ValueError(f"{path}:{n}: no {field!r} string")
+        out.append(Example(str(obj.get("uid", f"{os.path.basename(path)}/{n}")), obj["question"], obj["answer"],
+                           str(obj.get("solution", "")), category=str(obj.get("category", ""))))
     if not out:
         raise ValueError(f"config field task.train_file: {path} has no rows")
     return out
@@ -359,7 +347,7 @@ def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out
             files.write_jsonl(parts[k], samples)
             bar.update(len(block) * n)
         bar.close()
-    return [s for p in parts for s in read_jsonl(p)]
+    return [s for p in parts for s in files.read_jsonl(p)]
 
 
 def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str, cfg) -> tuple[dict, bool]:

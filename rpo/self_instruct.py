@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import random
 import time
@@ -120,18 +119,11 @@ def load_seeds(cfg, task) -> list[dict]:
         if not os.path.isfile(s.seeds_file):
             raise ValueError(f"config field synth.seeds_file: {s.seeds_file} does not exist")
         seeds = []
-        with open(s.seeds_file) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{s.seeds_file}:{n}: not JSON ({e})") from None
-                if not isinstance(obj.get("question"), str) or not obj["question"].strip():
-                    raise ValueError(f"{s.seeds_file}:{n}: no 'question' string")
-                seeds.append({"uid": str(obj.get("uid", f"seed/{n}")), "question": obj["question"],
-                              "answer": str(obj.get("answer", "")), "category": str(obj.get("category", ""))})
+        for n, obj in files.jsonl_rows(s.seeds_file):
+            if not isinstance(obj.get("question"), str) or not obj["question"].strip():
+                raise ValueError(f"{s.seeds_file}:{n}: no 'question' string")
+            seeds.append({"uid": str(obj.get("uid", f"seed/{n}")), "question": obj["question"],
+                          "answer": str(obj.get("answer", "")), "category": str(obj.get("category", ""))})
     else:
         seeds = [{"uid": ex.uid, "question": ex.question, "answer": ex.answer, "category": ex.category}
                  for ex in task.load("train")]
@@ -208,7 +200,7 @@ def run(cfg, workdir: str) -> dict:
     seeds_path = os.path.join(workdir, "seeds.jsonl")
     if not os.path.exists(seeds_path):
         files.write_jsonl(seeds_path, load_seeds(cfg, task))
-    seeds = irpo.read_jsonl(seeds_path)
+    seeds = files.read_jsonl(seeds_path)
     irpo.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
 
     def synthesis_prompt(a: dict, b: dict) -> str:
@@ -231,7 +223,7 @@ def run(cfg, workdir: str) -> dict:
                          "prompt_ids": irpo.encode(tokenizer, text, cfg.data.add_bos)})
         os.makedirs(gen_dir, exist_ok=True)
         files.write_jsonl(prompts_path, rows)
-    prompts = irpo.read_jsonl(prompts_path)
+    prompts = files.read_jsonl(prompts_path)
     fits = [r for r in prompts if len(r["prompt_ids"]) + s.max_new_tokens <= context]
 
     def parsed_fields(texts, rows):
@@ -353,14 +345,11 @@ def _consistency_filter(cfg, task, tokenizer, models, model_path, candidates, wo
     def answers_voted(texts, block):
         """Each solution's answer; under answer-consistency one the task scores equal to the generated answer
         votes as the generated answer itself (so e.g. 1/2 and 0.5 count as one answer)."""
-        out = []
-        for text, r in zip(texts, block):
-            a = task.answer(text)
-            if s.filter == "answer_consistency" and a is not None:
-                _, (ok,) = task.score([text], [Example(r["uid"], r["question"], r["answer"])])
-                a = r["answer"] if ok else a
-            out.append({"answer": a})
-        return out
+        answers = [task.answer(text) for text in texts]
+        if s.filter == "answer_consistency":
+            _, same = task.score(texts, [Example(r["uid"], r["question"], r["answer"]) for r in block])
+            answers = [r["answer"] if ok else a for a, ok, r in zip(answers, same, block)]
+        return [{"answer": a} for a in answers]
 
     k = s.num_solutions
     sols = irpo.sample_and_score(

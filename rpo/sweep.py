@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -44,6 +43,8 @@ import shlex
 import subprocess
 import sys
 from typing import Any, Mapping, Sequence
+
+from rpo import files
 
 MARKER = "sweep_point.json"
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,9 +78,7 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
     path, arg = split_spec(spec)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"sweep config {path}: no such file")
-    module_spec = importlib.util.spec_from_file_location("rpo_sweep_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = files.load_module(path)
     if not callable(getattr(module, "get_sweep", None)):
         raise ValueError(f"sweep config {path}: defines no get_sweep(arg=None) (see rpo/sweep.py)")
     where = f"{path}: get_sweep({arg!r})"
@@ -226,8 +225,6 @@ def _finished(point: Point) -> bool:
 
 def run_point(point: Point) -> int:
     """rpo.main on one point (output streamed through); writes the marker on success."""
-    from rpo import files
-
     marker = os.path.join(point.workdir, MARKER)
     if os.path.exists(marker):
         os.remove(marker)
@@ -272,8 +269,6 @@ def summarize(points: Sequence[Point], statuses: Sequence[str]) -> tuple[list[di
 
 def run(points: Sequence[Point], base_workdir: str) -> int:
     """Runs (or skips) every point, writes the summary; 0 if every point finished, else 1."""
-    from rpo import files
-
     statuses = []
     for i, point in enumerate(points, 1):
         head = f"[rpo.sweep {i}/{len(points)}] {point.name}"

@@ -8,11 +8,11 @@ one stops with an error naming the config file.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from types import ModuleType
 
 import ml_collections
+
+from rpo.files import load_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASELINES = ("irpo", "sft_gold", "star", "dpo", "zero_shot")
@@ -22,15 +22,6 @@ BASELINES = ("irpo", "sft_gold", "star", "dpo", "zero_shot")
 # devices form the tensor axis (32 devices: tensor 2; 64: tensor 4). Llama-2-70B's 64 query and 8 kv heads
 # split over tensor <= 8.
 LLAMA2_70B_MESH = dict(data=1, fsdp=16, tensor=-1)
-
-
-def load_module(path: str) -> ModuleType:
-    """A Python file loaded by path (config files are not a package)."""
-    name = "rpo_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_variants(arg: str | None, allowed: tuple[str, ...], config_file: str) -> dict[str, str]:

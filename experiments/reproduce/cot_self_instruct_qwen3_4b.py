@@ -48,10 +48,11 @@ checkpoint it used for which step was not verified here.)
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
+
+from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER: dict[str, float] = {}  # no number of the paper's is recorded here
@@ -59,10 +60,7 @@ PAPER: dict[str, float] = {}  # no number of the paper's is recorded here
 
 def _common():
     """experiments/reproduce/_common.py, loaded by path."""
-    spec = importlib.util.spec_from_file_location("rpo_reproduce_common", os.path.join(HERE, "_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(os.path.join(HERE, "_common.py"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -31,10 +31,11 @@ after 3 iterations of Iterative RPO. Per-iteration and baseline values: not reco
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
+
+from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = {"zero_shot": 77.8, "irpo_final": 86.7}
@@ -42,10 +43,7 @@ PAPER = {"zero_shot": 77.8, "irpo_final": 86.7}
 
 def _common():
     """experiments/reproduce/_common.py, loaded by path."""
-    spec = importlib.util.spec_from_file_location("rpo_reproduce_common", os.path.join(HERE, "_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(os.path.join(HERE, "_common.py"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -36,10 +36,11 @@ majority voting over 32 samples: 88.7.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
+
+from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER = {"zero_shot": 55.6, "sft_gold": 63.5, "star": 65.2, "dpo": 61.8, "irpo": (73.1, 78.0, 81.1, 81.6),
@@ -48,10 +49,7 @@ PAPER = {"zero_shot": 55.6, "sft_gold": 63.5, "star": 65.2, "dpo": 61.8, "irpo":
 
 def _common():
     """experiments/reproduce/_common.py, loaded by path."""
-    spec = importlib.util.spec_from_file_location("rpo_reproduce_common", os.path.join(HERE, "_common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(os.path.join(HERE, "_common.py"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
