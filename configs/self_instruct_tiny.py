@@ -65,8 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if "quick" in opts:
         c.seq_len = 320
-        c.synth.update(max_seeds=16, num_generations=32, max_new_tokens=200, num_solutions=4, chunk_prompts=32,
-                       solve_max_new_tokens=32)
+        # 64 generations, and a tie that includes the generated answer keeps it: a half-trained model still
+        # leaves a few problems for the IRPO stage of the chain.
+        c.synth.update(max_seeds=16, num_generations=64, max_new_tokens=200, num_solutions=4, chunk_prompts=64,
+                       solve_max_new_tokens=32, ties="any")
         c.init.update(num_steps=200, batch_size=8)
         c.init.num_demos = 256
         c.irpo.iterations = 1
