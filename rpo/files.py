@@ -56,9 +56,13 @@ def write_json(path: str, obj, indent: int = 2) -> None:
         json.dump(obj, f, indent=indent)
 
 
+class DataError(ValueError):
+    """A data file row is malformed; the message names the file and line."""
+
+
 def jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object
-    stops with an error naming path:line."""
+    raises DataError naming path:line."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -66,9 +70,9 @@ def jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: not a JSON object")
+                raise DataError(f"{path}:{n}: a row must be a JSON object")
             yield n, obj
 
 

@@ -252,8 +252,11 @@ def run(cfg, workdir: str) -> dict:
                                   threshold=s.dedup_threshold)
     kept = []
     for c, why in zip(candidates, dup):
-        (rejected.append({**c, "reason": why.split(":")[0], "duplicate": why.split(":", 1)[1]}) if why
-         else kept.append(c))
+        if why:
+            reason, _, of = why.partition(":")
+            rejected.append({**c, "reason": reason, "duplicate": of})
+        else:
+            kept.append(c)
     candidates = kept
 
     # The filter.
@@ -325,31 +328,25 @@ def _consistency_filter(cfg, task, tokenizer, models, model_path, candidates, wo
     from rpo.data import Example
 
     s = cfg.synth
-    kept_rows, rejected = [], []
-    rows = []
+    scorable, rejected = [], []
     for c in candidates:
-        gold = c["answer"]
-        if gold is not None:
+        if c["answer"] is not None:
             try:  # the task must be able to score against the generated answer (e.g. GSM8K: a number)
-                task.score([""], [Example(c["uid"], c["question"], gold)])
+                task.score([""], [Example(c["uid"], c["question"], c["answer"])])
             except ValueError:
                 rejected.append({**c, "reason": "answer_not_for_task"})
                 continue
-        prompt = irpo.prompt_text(cfg, task, tokenizer, Example(c["uid"], c["question"], gold or ""))
-        ids = irpo.encode(tokenizer, prompt, cfg.data.add_bos)
-        if len(ids) + s.solve_max_new_tokens > context:
-            rejected.append({**c, "reason": "question_too_long"})
-            continue
-        rows.append({**c, "prompt_ids": ids})
+        scorable.append(c)
+    rows = _with_prompts(cfg, tokenizer, scorable, context, rejected, lambda c: irpo.prompt_text(
+        cfg, task, tokenizer, Example(c["uid"], c["question"], c["answer"] or "")))
 
     def answers_voted(texts, block):
         """Each solution's answer; under answer-consistency one the task scores equal to the generated answer
         votes as the generated answer itself (so e.g. 1/2 and 0.5 count as one answer)."""
-        answers = [task.answer(text) for text in texts]
-        if s.filter == "answer_consistency":
-            _, same = task.score(texts, [Example(r["uid"], r["question"], r["answer"]) for r in block])
-            answers = [r["answer"] if ok else a for a, ok, r in zip(answers, same, block)]
-        return [{"answer": a} for a in answers]
+        if s.filter != "answer_consistency":
+            return [{"answer": task.answer(text)} for text in texts]
+        answers, same = task.score(texts, [Example(r["uid"], r["question"], r["answer"]) for r in block])
+        return [{"answer": r["answer"] if ok else a} for a, ok, r in zip(answers, same, block)]
 
     k = s.num_solutions
     sols = irpo.sample_and_score(
@@ -362,25 +359,15 @@ def _consistency_filter(cfg, task, tokenizer, models, model_path, candidates, wo
                                          ties=s.ties)
     else:
         res = filters.self_consistency(solutions, threshold=s.self_consistency_threshold, ties=s.ties)
-    for i, r in enumerate(rows):
-        item = {k2: v for k2, v in r.items() if k2 != "prompt_ids"}
-        item.update({k2: v for k2, v in res.row(i).items() if k2 not in ("keep", "reason")})
-        if s.filter == "self_consistency" and item["answer"] is None:
-            item["answer"] = item.get("majority")  # the Self-Instruct baseline's label
-        (kept_rows if res.keep[i] else rejected).append(item if res.keep[i] else {**item, "reason": res.reason[i]})
-    return kept_rows, rejected
+    return _split(rows, res, rejected, label=s.filter == "self_consistency")
 
 
 def _rip_filter(cfg, tokenizer, models, model_path, candidates, workdir, context):
     """K responses per prompt, scored by the reward model or the policy as judge; RIP on the lowest score."""
     s = cfg.synth
-    rows, rejected = [], []
-    for c in candidates:
-        ids = irpo.encode(tokenizer, irpo.chat_wrap(cfg, tokenizer, c["question"]), cfg.data.add_bos)
-        if len(ids) + s.solve_max_new_tokens > context:
-            rejected.append({**c, "reason": "question_too_long"})
-            continue
-        rows.append({**c, "prompt_ids": ids})
+    rejected = []
+    rows = _with_prompts(cfg, tokenizer, candidates, context, rejected,
+                         lambda c: irpo.chat_wrap(cfg, tokenizer, c["question"]))
     k = s.num_solutions
     none = lambda texts, block: [{} for _ in texts]  # noqa: E731
     responses = irpo.sample_and_score(
@@ -392,12 +379,35 @@ def _rip_filter(cfg, tokenizer, models, model_path, candidates, workdir, context
         scores = _reward_model_scores(cfg, [r["question"] for r in rows], texts)
     else:
         scores = _judge_scores(cfg, tokenizer, models, model_path, rows, texts, workdir, context)
-    res = filters.rip(scores, percentile=s.rip_percentile)
+    return _split(rows, filters.rip(scores, percentile=s.rip_percentile), rejected)
+
+
+def _with_prompts(cfg, tokenizer, candidates, context, rejected, prompt_of) -> list[dict]:
+    """The candidates with the ids of prompt_of(candidate), the prompt the filter samples K times from; one whose
+    prompt leaves no room for synth.solve_max_new_tokens in the context goes to `rejected` (question_too_long)."""
+    rows = []
+    for c in candidates:
+        ids = irpo.encode(tokenizer, prompt_of(c), cfg.data.add_bos)
+        if len(ids) + cfg.synth.solve_max_new_tokens > context:
+            rejected.append({**c, "reason": "question_too_long"})
+        else:
+            rows.append({**c, "prompt_ids": ids})
+    return rows
+
+
+def _split(rows, res, rejected, *, label: bool = False) -> tuple[list[dict], list[dict]]:
+    """(kept, rejected): each row with the filter's numbers for it; a rejected one with its reason. With `label`
+    (self-consistency), a row without a generated answer takes the majority answer as its label."""
     kept = []
     for i, r in enumerate(rows):
-        item = {k2: v for k2, v in r.items() if k2 != "prompt_ids"}
-        item.update({k2: v for k2, v in res.row(i).items() if k2 not in ("keep", "reason")})
-        (kept if res.keep[i] else rejected).append(item if res.keep[i] else {**item, "reason": res.reason[i]})
+        item = {k: v for k, v in r.items() if k != "prompt_ids"}
+        item.update({k: v for k, v in res.row(i).items() if k not in ("keep", "reason")})
+        if label and item["answer"] is None:
+            item["answer"] = item["majority"]  # the Self-Instruct baseline's label
+        if res.keep[i]:
+            kept.append(item)
+        else:
+            rejected.append({**item, "reason": res.reason[i]})
     return kept, rejected
 
 

@@ -54,7 +54,6 @@ complete for every process when `run` returns.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import shutil
@@ -68,16 +67,13 @@ import optax
 
 from rpo import checkpoint as ckpt
 from rpo import distributed, files, losses, report, sharding
+from rpo.files import DataError
 from rpo.models.config import ModelConfig
 from rpo.models.decoder import Params, param_shapes
 from rpo.models.hf import load_model
 
 Batch = dict[str, Any]
 State = dict[str, Any]
-
-
-class DataError(ValueError):
-    """A data file row is malformed; the message names the file and line."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -109,31 +105,22 @@ def read_rows(path: str, kind: str, *, vocab_size: int | None = None) -> list[di
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such {kind} file")
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: a row must be a JSON object")
-            for field in _FIELDS[kind]:
-                if field not in row:
-                    raise DataError(f"{where}: required field {field!r} is missing")
-                _check_ids(row[field], field, where, vocab_size)
-            if kind == "pairs":
-                have = [k in row for k in _REF]
-                if any(have) and not all(have):
-                    raise DataError(f"{where}: give both {_REF[0]!r} and {_REF[1]!r} or neither")
-                for k in _REF:
-                    if k in row and (isinstance(row[k], bool) or not isinstance(row[k], (int, float))
-                                     or not math.isfinite(row[k])):
-                        raise DataError(f"{where}: field {k!r} must be a finite number, got {row[k]!r}")
-            row["_where"] = where
-            rows.append(row)
+    for lineno, row in files.jsonl_rows(path):
+        where = f"{path}:{lineno}"
+        for field in _FIELDS[kind]:
+            if field not in row:
+                raise DataError(f"{where}: required field {field!r} is missing")
+            _check_ids(row[field], field, where, vocab_size)
+        if kind == "pairs":
+            have = [k in row for k in _REF]
+            if any(have) and not all(have):
+                raise DataError(f"{where}: give both {_REF[0]!r} and {_REF[1]!r} or neither")
+            for k in _REF:
+                if k in row and (isinstance(row[k], bool) or not isinstance(row[k], (int, float))
+                                 or not math.isfinite(row[k])):
+                    raise DataError(f"{where}: field {k!r} must be a finite number, got {row[k]!r}")
+        row["_where"] = where
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
