@@ -1,10 +1,12 @@
 """Majority vote over sampled answers, vote shares, maj@k and pass@k (jitted).
 
 Shapes: P prompts, N samples per prompt; arrays are named `x_PN`, `x_P`.
-Answers are strings on the host (the normalised final answers of `Task.score`, None when a
-completion has none). `answer_ids` maps them to int32 ids, the same id for the same string
-within one call (or across calls that share a `vocab` dict), and a validity mask; every
-device-side function takes (ids, valid) and ignores the ids where valid is False.
+Answers are strings on the host (the final answers of `Task.score`, None when a completion has
+none). `answer_ids` maps them to int32 ids and a validity mask; every device-side function takes
+(ids, valid) and ignores the ids where valid is False. Which answers share an id is decided here
+and only here: by default the same string (within one call, or across calls that share a `vocab`
+dict); with `same`, an equivalence of the task's (MATH: rewards.math_equiv_batch, so "0.5" and
+"\\frac12" are one answer), each answer joining the earliest equal answer of its own row.
 
 Majority vote. A sample's vote count is the number of valid samples of its prompt with the
 same id: one pairwise-equality matrix per prompt, O(P N^2) time and memory, fine for
@@ -25,7 +27,7 @@ overflow. Both return the mean over prompts.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +37,8 @@ NO_ANSWER = -1
 
 
 def answer_ids(
-    answers: Sequence[Sequence[str | None]], vocab: dict[str, int] | None = None
+    answers: Sequence[Sequence[str | None]], vocab: dict[str, int] | None = None, *,
+    same: Callable[[Sequence[tuple[str, str]]], Sequence[bool]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Host-side: answer strings [P][N] -> (ids_PN int32, valid_PN bool).
 
@@ -43,19 +46,37 @@ def answer_ids(
     several calls to share one id space (it is updated in place), e.g. to compare generated
     answers with the majority. Rows may differ in length: shorter rows are padded with
     invalid entries up to the longest row. None marks a sample without an answer.
+
+    same: an equivalence on answer strings, called once with every (later, earlier) pair of
+    distinct answers within a row, returning a verdict per pair. An answer then takes the id of
+    the first earlier answer of its row that it equals and that took its own id (the class's
+    first spelling, which is what `vocab` holds); without `same`, only equal strings share an id.
     """
     vocab = {} if vocab is None else vocab
     n = max((len(row) for row in answers), default=0)
     ids = np.full((len(answers), n), NO_ANSWER, np.int32)
     valid = np.zeros((len(answers), n), bool)
+    distinct: list[list[str]] = []
     for p, row in enumerate(answers):
         for i, answer in enumerate(row):
-            if answer is None:
-                continue
-            if not isinstance(answer, str):
+            if answer is not None and not isinstance(answer, str):
                 raise TypeError(f"answers[{p}][{i}]: expected str or None, got {type(answer).__name__}")
-            ids[p, i] = vocab.setdefault(answer, len(vocab))
-            valid[p, i] = True
+        distinct.append(list(dict.fromkeys(a for a in row if a is not None)))
+    pairs = [(d[j], d[i]) for d in distinct for j in range(len(d)) for i in range(j)] if same else []
+    verdicts = list(same(pairs)) if pairs else []
+    if len(verdicts) != len(pairs):
+        raise ValueError(f"same: {len(verdicts)} verdicts for {len(pairs)} pairs")
+    k = 0  # the next verdict: pairs run row by row, then j, then i < j
+    for p, row in enumerate(answers):
+        spelling: dict[str, str] = {}  # answer -> the first spelling of its class in this row
+        for j, answer in enumerate(distinct[p]):
+            equal = verdicts[k:k + j] if same else []
+            k += len(equal)
+            spelling[answer] = next((d for d, eq in zip(distinct[p], equal) if eq and spelling[d] == d), answer)
+        for i, answer in enumerate(row):
+            if answer is not None:
+                ids[p, i] = vocab.setdefault(spelling[answer], len(vocab))
+                valid[p, i] = True
     return ids, valid
 
 
@@ -71,7 +92,6 @@ def _check_k(k: int, n: int) -> None:
         raise ValueError(f"k={k}: must be in [1, {n}] (the number of samples per prompt)")
 
 
-@jax.jit
 @jax.jit
 def _vote(ids_PN: jax.Array, valid_PN: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(winner index, winner id, votes), each [P]."""

@@ -370,7 +370,7 @@ def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str
                                **common)
     answers = [[s["answer"] for s in samples[i * k: (i + 1) * k]] for i in range(len(rows))]
     correct = np.asarray([[s["correct"] for s in samples[i * k: (i + 1) * k]] for i in range(len(rows))])
-    ids, valid = consistency.answer_ids(answers)
+    ids, valid = consistency.answer_ids(answers, same=getattr(task, "same_answers", None))  # MATH: by value
     metrics.update({
         "maj_accuracy": float(consistency.maj_at_k(ids, valid, correct, k)), "maj_k": k,
         "sample_accuracy": float(correct.mean()), f"pass_at_{k}": float(consistency.pass_at_k(correct, k)),

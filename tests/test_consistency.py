@@ -1,10 +1,12 @@
 """rpo.consistency against plain-Python references: collections.Counter for the vote (its
 most_common breaks ties by first insertion, the rule documented in rpo.consistency), math.comb
-and brute force over subsets for pass@k."""
+and brute force over subsets for pass@k, and a Counter over exact values (fractions.Fraction) for
+votes grouped by an equivalence (answer_ids' `same`; the MATH grader's in tests/test_rewards.py)."""
 
 from __future__ import annotations
 
 import collections
+import fractions
 import itertools
 import math
 
@@ -80,6 +82,49 @@ def test_string_majority_equals_counter_most_common():
         counts = collections.Counter(a for a in row if a is not None)
         expect = counts.most_common(1)[0] if counts else (None, 0)
         assert (names.get(int(winner[p])) if votes[p] else None, int(votes[p])) == expect, row
+
+
+def _same_value(pairs):
+    """An equivalence of our own for the tests: two spellings of one rational number ("0.5", "1/2", "2/4")."""
+    return [fractions.Fraction(a) == fractions.Fraction(b) for a, b in pairs]
+
+
+def test_votes_grouped_by_an_equivalence_match_a_counter_over_values():
+    rng = np.random.default_rng(11)
+    spellings = ["1/2", "0.5", "2/4", "1", "1.0", "3/3", "2", "0.25", "1/4", None]
+    answers = [[spellings[j] for j in rng.integers(0, len(spellings), 9)] for _ in range(60)]
+    asked = []
+    ids, valid = C.answer_ids(answers, same=lambda pairs: asked.extend(pairs) or _same_value(pairs))
+    winner, votes = C.majority_vote(ids, valid)
+    for p, row in enumerate(answers):
+        values = [fractions.Fraction(a) for a in row if a is not None]
+        counts = collections.Counter(values)
+        top = max(counts.values(), default=0)
+        assert int(votes[p]) == top, row
+        if top:  # the winner is the value whose first sample comes first among the tied values (Counter's rule)
+            first = next(v for v in counts if counts[v] == top)
+            i = next(i for i, a in enumerate(row) if a is not None and fractions.Fraction(a) == first)
+            assert int(winner[p]) == int(ids[p, i]), row
+        for i, a in enumerate(row):  # one id per value within a row, shared by all its spellings
+            for j, b in enumerate(row):
+                if a is not None and b is not None:
+                    assert (ids[p, i] == ids[p, j]) == (fractions.Fraction(a) == fractions.Fraction(b))
+    assert all(a != b for a, b in asked)  # each distinct pair once, never a string with itself
+    string_ids, _ = C.answer_ids(answers)
+    fewer = [len(set(ids[p][valid[p]])) < len(set(string_ids[p][valid[p]])) for p in range(len(answers))]
+    assert sum(fewer) > 30  # the spellings do merge in most rows
+
+
+def test_maj_at_k_counts_two_spellings_as_one_answer():
+    answers = [["0.5", "1/2", "3", "3/1", "3", "2/4"], ["7", "7", "0.5", "1/2", "2/4", None]]
+    correct = np.array([[True, True, False, False, False, True], [False, False, True, True, True, False]])
+    by_string = C.answer_ids(answers)
+    by_value = C.answer_ids(answers, same=_same_value)
+    assert float(C.maj_at_k(*by_string, correct, 6)) == 0.0  # "3" and "7" have the most identical strings
+    assert float(C.maj_at_k(*by_value, correct, 6)) == 1.0  # 1/2 has three spellings
+    np.testing.assert_allclose(C.vote_share(*by_value), [0.5, 0.5])
+    with pytest.raises(ValueError, match="same: 1 verdicts for 16 pairs"):
+        C.answer_ids(answers, same=lambda pairs: [True])
 
 
 def test_vote_share():
