@@ -22,13 +22,17 @@ the brackets. A parse is accepted (reason None) or rejected with one reason code
   NOT_CHECKABLE         the boxed answer is not one checkable value (checkable_answer), or there are several
   MISSING_PROMPT / MULTIPLE_PROMPTS / EMPTY_PROMPT   the same three for the instruction markers
 Checkable answers (checkable_answer) are an integer, a fraction in lowest terms, an exact radical with
-integer parts and simplified radicands, or a letter A-E; the returned form is rewards.normalize_math's,
-the form Task.score gives the solutions' answers, so the filters compare plain strings.
+integer parts and simplified radicands, or a letter A-E, returned in one written form ("\\frac{3}{4}",
+"2\\sqrt{3}", "C") after math-verify's LaTeX normalisation (latex2sympy2_extended.normalize_latex).
 
 Filters. Each takes plain arrays and returns a FilterResult: a keep mask, a reason per row (None when
-kept) and the per-row numbers behind the decision. Votes come from rpo.consistency (answer_ids with one
-shared vocab, majority_vote); a prompt's vote share is the winner's votes over its K samples, so samples
-without an answer count against agreement. Tie policies (`ties`), for a top vote count shared by several
+kept) and the per-row numbers behind the decision. Votes come from rpo.consistency (answer_ids, then
+majority_vote), and answers are grouped by `same`, by default rewards.math_equiv_batch, the MATH grader's
+equivalence: "0.5", "\\frac12" and "1/2" share their votes, and the generated answer is the majority's when
+it is the same value. On the other tasks' answers it is string equality but for decimals equal to 6 places
+(integers and identical strings are settled without math-verify; the letters A-E equal only themselves);
+pass same=None for plain string equality. A prompt's vote share is the winner's votes over its K samples,
+so samples without an answer count against agreement. Tie policies (`ties`), for a top vote count shared by several
 answers: "reject" rejects the prompt (TIE), "first" takes the answer that appears first (majority_vote's
 rule), "any" (answer consistency only) accepts when the generated answer is one of the tied answers.
   answer_consistency  NO_GENERATED_ANSWER, NO_VALID_SOLUTION, TIE, MAJORITY_DIFFERS, LOW_VOTE_SHARE
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import re
 import string
@@ -206,34 +211,45 @@ def judge_score(text: str) -> int | None:
 
 # ----------------------------------------------------------------------------- checkable answers
 
-_RATIONAL_RE = re.compile(r"-?(?:\d+|\\frac\{\d+\}\{\d+\})")
-_DIGITS_RE = re.compile(r"\d+")
-_THOUSANDS_RE = re.compile(r"(?<=\d)(?:,|\{,\}|\\,)(?:\\!)?(?=\d{3}(?!\d))")
 _DECIMAL_RE = re.compile(r"\.\d")
-_FRAC_DIGIT_RE = re.compile(r"(\\[dt]?frac\s*\d)")  # \frac34: the numerator is one digit
 _RADICAL_TOKEN_RE = re.compile(r"\d+|\\sqrt|\\frac|[{}\[\]+-]|.")
 _MAX_RADICAND = 10**9  # larger radicands are not checked for square factors: not checkable
+_MAX_CHECKABLE_CHARS = 200
+# What a single value may still carry after normalize_latex: a text wrapper, a degree sign, "x =" in front.
+_WRITTEN_SUBS = [(re.compile(p), r) for p, r in (
+    (r"\s+|\$", ""), (r"\\(?:text|textrm|mathrm|textbf|mathbf)\{([^{}]*)\}", r"\1"),
+    (r"\^\{?\\circ\}?|\\circ|\\degree", ""), (r"^[a-zA-Z]=", ""), (r"^\(([A-Z])\)$", r"\1"),
+    (r"^\\frac\{-(\d+)\}", r"-\\frac{\1}"))]
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+")
+_INTEGER_RE = re.compile(r"-?(?:0|[1-9]\d*)")
+_FRACTION_RE = re.compile(r"-?\\frac\{([1-9]\d*)\}\{([1-9]\d*)\}")
 
 
 def checkable_answer(s: str) -> str | None:
-    """rewards.normalize_math(s) when s is ONE checkable value, else None. Checkable: an integer ("-1,200"),
-    a fraction in lowest terms with a positive denominator > 1 (\\frac{3}{4}, \\dfrac, \\tfrac, 3/4, a sign
-    in front or on the numerator), an exact radical (sums of terms [integer]\\sqrt{r} or \\sqrt[k]{r} and
-    integers, in \\frac{}{} or not, with integers > 1 as coefficients, k >= 3 and r free of k-th powers), or
-    a letter A-E ("C", "(C)"). Not: decimals, "4/2", "\\frac{6}{8}", mixed numbers, intervals, variables,
-    several values, constants such as \\pi."""
+    """The written form of s when s is ONE checkable value, else None. Checkable: an integer ("-1,200" ->
+    "-1200"), a fraction in lowest terms with a positive denominator > 1 (\\frac{3}{4}, \\dfrac, \\tfrac, \\frac34,
+    3/4, a sign in front or on the numerator -> "\\frac{3}{4}", "-\\frac{2}{3}"), an exact radical (sums of terms
+    [integer]\\sqrt{r} or \\sqrt[k]{r} and integers, in \\frac{}{} or not, with integers > 1 as coefficients, k >= 3
+    and r free of k-th powers), or a letter A-E ("C", "(C)", "\\text{(C)}"); a unit, a degree sign or "x =" in
+    front may be there. Not: decimals, "4/2", "\\frac{6}{8}", mixed numbers, intervals, variables, several
+    values, constants such as \\pi. The form is math-verify's normalize_latex, then the rewrites above."""
     if not isinstance(s, str):
         raise TypeError(f"checkable_answer: expected str, got {type(s).__name__}")
-    normal = rewards.normalize_math(s)
-    if re.fullmatch(r"[A-E]", normal):
-        return normal
-    if _DECIMAL_RE.search(s.strip().rstrip(".")):
+    if len(s) > _MAX_CHECKABLE_CHARS or _DECIMAL_RE.search(s.strip().rstrip(".")):
         return None
-    if _RATIONAL_RE.fullmatch(normal):
-        # normalize_math writes a rational in lowest terms: it was written that way iff its digits are unchanged
-        written = _DIGITS_RE.findall(_FRAC_DIGIT_RE.sub(r"\1 ", _THOUSANDS_RE.sub("", s)))
-        return normal if written == _DIGITS_RE.findall(normal) else None
-    return normal if "\\sqrt" in normal and _Radical(normal).parse() else None
+    from latex2sympy2_extended.latex2sympy2 import NormalizationConfig, normalize_latex
+
+    config = NormalizationConfig(basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all")
+    written = normalize_latex(s, config)
+    for pattern, new in _WRITTEN_SUBS:
+        written = pattern.sub(new, written)
+    if _THOUSANDS_RE.fullmatch(written):
+        written = written.replace(",", "")
+    if re.fullmatch(r"[A-E]", written) or _INTEGER_RE.fullmatch(written):
+        return written
+    if m := _FRACTION_RE.fullmatch(written):
+        return written if int(m.group(2)) > 1 and math.gcd(int(m.group(1)), int(m.group(2))) == 1 else None
+    return written if "\\sqrt" in written and _Radical(written).parse() else None
 
 
 class _Radical:
@@ -362,29 +378,37 @@ def _check_ties(ties: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"ties={ties!r}: must be one of {', '.join(map(repr, allowed))}")
 
 
-def _tally(solutions: Sequence[Sequence[str | None]], vocab: dict[str, int]):
-    """Majority vote per prompt via rpo.consistency: (ids_PK, valid_PK, winner strings, votes_P, tied_P,
-    K_P). tied: the runner-up (the vote with the winner's samples masked out) has as many votes."""
+def _tally(solutions: Sequence[Sequence[str | None]], same, generated: Sequence[str | None] | None = None):
+    """Majority vote per prompt via rpo.consistency: (ids_PK, valid_PK, winner ids_P, winner strings, votes_P,
+    tied_P, K_P, generated ids_P). tied: the runner-up (the vote with the winner's samples masked out) has as
+    many votes.
+    With `generated`, each prompt's generated answer is grouped with its solutions (it comes first, so it
+    names its class) but does not vote; its id is NO_ANSWER when it is None."""
     for p, row in enumerate(solutions):
         if len(row) == 0:
             raise ValueError(f"solutions[{p}]: no samples (each prompt needs K >= 1 solution answers)")
-    ids, valid = consistency.answer_ids(solutions, vocab)
+    rows = [[generated[p], *row] for p, row in enumerate(solutions)] if generated is not None else solutions
+    vocab: dict[str, int] = {}
+    ids, valid = consistency.answer_ids(rows, vocab, same=same)
+    generated_ids = ids[:, 0] if generated is not None else None
+    if generated is not None:
+        ids, valid = ids[:, 1:], valid[:, 1:]
     winner, votes = (np.asarray(x) for x in consistency.majority_vote(ids, valid))
     _, runner_up = consistency.majority_vote(ids, valid & (ids != winner[:, None]))
     tied = (votes > 0) & (np.asarray(runner_up) == votes)
     names = {i: a for a, i in vocab.items()}
     majority = [names[int(w)] if v > 0 else None for w, v in zip(winner, votes)]
     k = np.array([len(row) for row in solutions], np.int32)
-    return ids, valid, majority, votes.astype(np.int32), tied, k
+    return ids, valid, winner, majority, votes.astype(np.int32), tied, k, generated_ids
 
 
 def answer_consistency(generated: Sequence[str | None], solutions: Sequence[Sequence[str | None]], *,
-                       min_share: float, ties: str) -> FilterResult:
+                       min_share: float, ties: str, same=rewards.math_equiv_batch) -> FilterResult:
     """Answer-Consistency: keep a generated question when the majority answer of its K solutions equals its
-    generated answer and the majority's vote share (votes / K) is >= min_share. Answers are normalised
-    strings (parse_verifiable's answer, Task.score's answers; None: no answer); ties: see the module
-    docstring. `majority` is the answer the decision used (with ties="any", the generated one when it is
-    among the tied answers)."""
+    generated answer and the majority's vote share (votes / K) is >= min_share. Answers are strings
+    (parse_verifiable's answer, Task.score's answers; None: no answer) grouped by `same` (see the module
+    docstring); ties: see the module docstring. `majority` is the answer the decision used, in its first
+    spelling (with ties="any", the generated one when it is among the tied answers)."""
     if len(generated) != len(solutions):
         raise ValueError(f"answer_consistency: {len(generated)} generated answers but {len(solutions)} solution rows")
     _check_fraction("min_share", min_share)
@@ -394,21 +418,21 @@ def answer_consistency(generated: Sequence[str | None], solutions: Sequence[Sequ
     for p, answer in enumerate(generated):
         if answer is not None and not isinstance(answer, str):
             raise TypeError(f"generated[{p}]: expected str or None, got {type(answer).__name__}")
-    vocab: dict[str, int] = {}
-    ids, valid, majority, votes, tied, k = _tally(solutions, vocab)
+    ids, valid, winner, majority, votes, tied, k, generated_ids = _tally(solutions, same, generated)
+    winner = winner.copy()
     share = votes / k
     reason: list[str | None] = []
     for p, answer in enumerate(generated):
-        if ties == "any" and tied[p] and answer in vocab:
-            if int(((ids[p] == vocab[answer]) & valid[p]).sum()) == votes[p]:
-                majority[p] = answer
+        if ties == "any" and tied[p] and answer is not None:
+            if int(((ids[p] == generated_ids[p]) & valid[p]).sum()) == votes[p]:
+                majority[p], winner[p] = answer, generated_ids[p]
         if answer is None:
             reason.append(NO_GENERATED_ANSWER)
         elif votes[p] == 0:
             reason.append(NO_VALID_SOLUTION)
         elif tied[p] and ties == "reject":
             reason.append(TIE)
-        elif majority[p] != answer:
+        elif winner[p] != generated_ids[p]:
             reason.append(MAJORITY_DIFFERS)
         elif share[p] < min_share:
             reason.append(LOW_VOTE_SHARE)
@@ -417,16 +441,17 @@ def answer_consistency(generated: Sequence[str | None], solutions: Sequence[Sequ
     return FilterResult(np.array([r is None for r in reason]), reason, majority, votes, share, tied)
 
 
-def self_consistency(solutions: Sequence[Sequence[str | None]], *, threshold: float = 0.5, ties: str = "reject"
-                     ) -> FilterResult:
+def self_consistency(solutions: Sequence[Sequence[str | None]], *, threshold: float = 0.5, ties: str = "reject",
+                     same=rewards.math_equiv_batch) -> FilterResult:
     """Self-Consistency (the Self-Instruct baseline's filter): keep a question when the majority answer of
-    its K solutions has a vote share (votes / K) >= threshold; `majority` is then its label. ties: "reject"
-    (no label without a strict majority) or "first"."""
+    its K solutions (grouped by `same`, see the module docstring) has a vote share (votes / K) >= threshold;
+    `majority` is then its label, in its first spelling. ties: "reject" (no label without a strict majority)
+    or "first"."""
     _check_fraction("threshold", threshold)
     _check_ties(ties, ("reject", "first"))
     if not solutions:
         return _empty_votes()
-    _, _, majority, votes, tied, k = _tally(solutions, {})
+    _, _, _, majority, votes, tied, k, _ = _tally(solutions, same)
     share = votes / k
     reason: list[str | None] = []
     for p in range(len(solutions)):

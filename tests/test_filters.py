@@ -111,27 +111,29 @@ def test_researcher_template_files(tmp_path):
 # ----------------------------------------------------------------------------- parsing
 
 
-# Real MATH500 answers: the checkable ones with the string Task.score would give a solution boxing them.
-CHECKABLE = {"\\frac{14}{3}", "90^\\circ", "3\\sqrt{13}", "x=5", "11\\sqrt2", "\\frac43",
-             "\\frac{270}7\\text{ degrees}",
-             "10,\\!080", "\\text{(C)}"}
+# Real MATH500 answers: the checkable ones and their written form.
+CHECKABLE = {"\\frac{14}{3}": "\\frac{14}{3}", "90^\\circ": "90", "3\\sqrt{13}": "3\\sqrt{13}", "x=5": "5",
+             "11\\sqrt2": "11\\sqrt{2}", "\\frac43": "\\frac{4}{3}", "\\frac{270}7\\text{ degrees}": "\\frac{270}{7}",
+             "10,\\!080": "10080", "\\text{(C)}": "C"}
 
 
-@pytest.mark.parametrize("row", MATH, ids=_math_final)
-def test_parse_verifiable_real_rows(row):
-    final = _math_final(row)
-    parsed = F.parse_verifiable(_verifiable(row["question"], final))
-    if final in CHECKABLE:
-        assert parsed.ok and parsed.question == row["question"].strip()
-        # the generated answer is the string the majority vote will see from a solution boxing the same value
-        assert parsed.answer == rewards.math_answer(row["answer"], strict=True) == rewards.normalize_math(final)
-    else:  # tuples, intervals, unions, matrices, text, expressions, pi, complex numbers, decimals, mixed numbers
-        assert parsed == F.Parsed(None, None, F.NOT_CHECKABLE)
-    assert F.parse_verifiable(_verifiable(row["question"], final), with_answer=False) == F.Parsed(
-        row["question"].strip(), None)
+def test_parse_verifiable_real_rows():
+    checked = []
+    for row in MATH:
+        final = _math_final(row)
+        parsed = F.parse_verifiable(_verifiable(row["question"], final))
+        if final in CHECKABLE:
+            assert parsed == F.Parsed(row["question"].strip(), CHECKABLE[final]), final
+            checked.append((rewards.math_answer(row["answer"], strict=True), parsed.answer))
+        else:  # tuples, intervals, unions, matrices, text, expressions, pi, complex numbers, decimals, mixed numbers
+            assert parsed == F.Parsed(None, None, F.NOT_CHECKABLE), final
+        assert F.parse_verifiable(_verifiable(row["question"], final), with_answer=False) == F.Parsed(
+            row["question"].strip(), None)
+    # the generated answer and the answer the grader reads from a solution boxing it are one value to the vote
+    assert len(checked) == len(CHECKABLE) and rewards.math_equiv_batch(checked) == [True] * len(checked)
 
 
-@pytest.mark.parametrize("raw, expected", [
+CHECKABLE_CASES = [
     ("42", "42"), ("-7", "-7"), ("1,234,567", "1234567"), ("0", "0"),
     ("\\frac{3}{4}", "\\frac{3}{4}"), ("\\dfrac{5}{12}", "\\frac{5}{12}"), ("\\tfrac{1}{3}", "\\frac{1}{3}"),
     ("\\frac34", "\\frac{3}{4}"), ("7/9", "\\frac{7}{9}"), ("-\\frac{2}{3}", "-\\frac{2}{3}"),
@@ -140,18 +142,28 @@ def test_parse_verifiable_real_rows(row):
     ("2+\\sqrt{5}", "2+\\sqrt{5}"), ("\\sqrt[3]{2}", "\\sqrt[3]{2}"), ("-\\sqrt{2}", "-\\sqrt{2}"),
     ("\\frac{1+\\sqrt{5}}{2}", "\\frac{1+\\sqrt{5}}{2}"),
     ("\\frac{\\sqrt{2}}{1+\\sqrt{3}}", "\\frac{\\sqrt{2}}{1+\\sqrt{3}}"),
-    ("(C)", "C"), ("C", "C"), ("$\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("(C)", "C"), ("C", "C"), ("$\\frac{1}{2}$", "\\frac{1}{2}"), ("12 \\text{ cm}", "12"),
     # rejected: decimals, not reduced, mixed numbers, several values, intervals, variables, constants, lower case
     ("0.5", None), ("2.0", None), (".25", None), ("\\frac{6}{8}", None), ("4/2", None), ("\\frac{4}{1}", None),
     ("1\\frac{1}{2}", None), ("007", None), ("1, 2", None), ("[1,2]", None), ("x+1", None), ("2\\pi", None),
     ("c", None), ("F", None), ("\\sqrt{8}", None), ("\\sqrt[3]{16}", None), ("1\\sqrt{2}", None),
     ("\\sqrt{2}\\sqrt{3}", None), ("\\frac{\\sqrt{2}}{0}", None), ("\\frac{\\sqrt{2}}{1}", None),
-    ("1+2", None), ("\\sqrt{x}", None), ("", None),
-])
+    ("1+2", None), ("\\sqrt{x}", None), ("", None), ("1" * 300, None),
+]
+
+
+@pytest.mark.parametrize("raw, expected", CHECKABLE_CASES)
 def test_checkable_answer(raw, expected):
     assert F.checkable_answer(raw) == expected
-    if expected is not None:  # a solution boxing the same raw answer gets the same string
-        assert rewards.math_answer(f"so the answer is $\\boxed{{{raw}}}$.", strict=True) == expected
+
+
+def test_checkable_answers_are_what_a_solution_boxing_them_grades_to():
+    cases = [(raw, written) for raw, written in CHECKABLE_CASES if written is not None]
+    solutions = [f"so the answer is $\\boxed{{{raw}}}$." for raw, _ in cases]
+    answers = rewards.math_answers(solutions, strict=True)
+    assert rewards.math_equiv_batch([(a, w) for a, (_, w) in zip(answers, cases)]) == [True] * len(cases)
+    _, correct = rewards.math_score(solutions, [w for _, w in cases], strict=True)
+    assert correct == [True] * len(cases)
 
 
 MALFORMED = {
@@ -290,6 +302,26 @@ def test_answer_consistency_random_against_counter():
                     keep, reason, majority = _reference(generated[p], solutions[p], min_share, ties)
                     assert (result.keep[p], result.reason[p]) == (keep, reason), (generated[p], solutions[p], ties)
                     assert result.majority[p] == majority
+
+
+def test_votes_group_spellings_of_one_value():
+    """Answers are grouped by the MATH grader's equivalence (rewards.math_equiv_batch) unless same=None."""
+    generated = ["\\frac{1}{2}", "0.5", "7"]
+    solutions = [["0.5", "1/2", "\\dfrac{1}{2}", "3", "3"],  # 1/2 has three spellings, 3 two equal strings
+                 ["\\frac12", "\\frac{1}{2}", "x", "x", None],  # 1/2 two spellings, x two: a tie
+                 ["7.0", "7", "7", "\\frac{14}{2}", "8"]]
+    result = F.answer_consistency(generated, solutions, min_share=0.5, ties="reject")
+    assert result.reason == [None, F.TIE, None] and result.votes.tolist() == [3, 2, 4]
+    assert result.majority == ["\\frac{1}{2}", "0.5", "7"]  # the class's first spelling: the generated one
+    assert F.answer_consistency(generated, solutions, min_share=0.4, ties="any").reason == [None, None, None]
+    by_string = F.answer_consistency(generated, solutions, min_share=0.5, ties="reject", same=None)
+    assert by_string.reason == [F.MAJORITY_DIFFERS, F.MAJORITY_DIFFERS, F.LOW_VOTE_SHARE]  # "3", "x", "7" twice
+    assert by_string.votes.tolist() == [2, 2, 2]
+    labels = F.self_consistency(solutions, threshold=0.5, ties="reject")
+    assert labels.reason == [None, F.TIE, None] and labels.majority[0] == "0.5" and labels.majority[2] == "7.0"
+    assert F.self_consistency(solutions, threshold=0.5, ties="reject", same=None).reason == [F.LOW_VOTE_SHARE] * 3
+    letters = [[a, b] for a in "ABCDE" for b in "ABCDE" if a != b]  # ARC's answers: a letter equals only itself
+    assert F.self_consistency(letters, threshold=0.5, ties="reject").reason == [F.TIE] * len(letters)
 
 
 def test_self_consistency():

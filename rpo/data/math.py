@@ -19,7 +19,9 @@ Prompt: 4-shot, templates/math.txt (four worked examples written for this projec
 \\boxed{}, each "Problem:\\n...\\n\\nSolution:\\n..."), ending "Solution:\\n". target(): the solution
 (it contains the \\boxed{} answer); None when the row has no solution with a \\boxed{} or \\fbox{}.
 stop: the next "Problem:" block, what a model continuing the few-shot pattern writes next.
-score(): rpo.rewards.math_score (sympy equivalence with its default timeout).
+score(): rpo.rewards.math_score (math-verify in worker processes, with its default timeout): the answer
+math-verify extracts and whether it equals the gold. same_answers(): rpo.rewards.math_equiv_batch, the
+equivalence that groups answers for maj@k (rpo.consistency.answer_ids(..., same=task.same_answers)).
 uid: "math/<split>/<row>"; the subject is the Example's category (CoT-Self-Instruct pairs seeds by it);
 level and unique_id stay in the TFDS data (Example has no field for them).
 """
@@ -121,3 +123,9 @@ class MathTask:
         from rpo import rewards
 
         return rewards.math_score(completions, [ex.answer for ex in examples], strict=self.cfg.strict)
+
+    def same_answers(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether each pair of answers (from score()) is one value, for votes: "0.5" and "\\frac12" are."""
+        from rpo import rewards
+
+        return rewards.math_equiv_batch(pairs)
