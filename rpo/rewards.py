@@ -16,13 +16,15 @@ library's order of anchors ("final answer is ... I hope", "final answer ... is",
 then the last LaTeX or number); verify compares numbers to 6 decimals, expressions symbolically, sets,
 tuples, intervals, matrices and (in)equalities structurally. Several \\boxed{} together are one answer set.
   strict    only the completion's \\boxed{} / \\fbox{} contents (all of them, as one answer); None without one.
-  flexible  the whole completion, as above.
+  flexible  the whole completion, as above, where an answer written bare after a marker ("The answer is:
+            3\\sqrt{13}") is put between $ first (the library reads LaTeX only between delimiters).
 `math_score` returns each completion's answer as the string math-verify extracted (its normalised LaTeX,
 e.g. "10,080" for "10,\\!080") and the verdict against the gold. Answers are not canonical strings: votes
 group them with `math_equiv_batch` (rpo.consistency.answer_ids(..., same=...)), so "0.5" and "\\frac12"
 share their votes. Kept from our own code, each for a reason: the worker pool (math-verify's timeouts use
-SIGALRM, main thread only), the cache, the strict mode (the library has no boxes-only mode), and the
-fast paths of math_equiv_batch (identical strings, short integers: no process round trip).
+SIGALRM, main thread only), the cache, the strict mode (the library has no boxes-only mode), delimiting
+bare answers (PRM800K / MetaMath's "The answer is: X" lost its LaTeX), and the fast paths of
+math_equiv_batch (identical strings, short integers: no process round trip).
 
 The math-verify work runs in a module-level pool of worker PROCESSES, created on first use: plain
 `python` subprocesses (no fork, so it is safe after JAX has started its threads) that import math-verify
@@ -280,7 +282,7 @@ def arc_gold(gold_letter: str) -> str:
 # ----------------------------------------------------------------------------- MATH (math-verify, in workers)
 
 _UNESCAPED_MATH_RE = re.compile(r"(?<!\\)\$|\\[(\[]|\\(?:boxed|fbox)(?![a-zA-Z])")
-_SHORT_INT_RE = re.compile(r"-?\d{1,15}")  # math-verify compares numbers to 15 significant digits
+_SHORT_INT_RE = re.compile(r"-?\d{1,15}")  # compared exactly here, as math-verify compares two integers
 
 
 def _boxes(text: str) -> list[str]:
@@ -306,11 +308,41 @@ def _as_answer(s: str) -> str:
     return s if _UNESCAPED_MATH_RE.search(s) else f"\\boxed{{{s}}}"
 
 
+_MARKER_RE = re.compile(r"final answer is|answer is\s*:|final answer\s*:", re.IGNORECASE)
+_HOPE_RE = re.compile(r"\.?\s*I hope it is correct\.?\s*$", re.IGNORECASE)
+_LATEX_COMMAND_RE = re.compile(r"\\[a-zA-Z]|\^")
+_WORD_RE = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
+_BARE_NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*%)?|[-+]?\.\d+")
+
+
+def _delimit_bare_answers(text: str) -> str:
+    """math-verify reads LaTeX only inside $ $, \\( \\), \\[ \\] or \\boxed{} (bare, "The answer is: 3\\sqrt{13}"
+    reads as 3, "(6,31,-1)" as 6): on each line, the answer after the last marker ("The answer is:", "Final
+    answer:", Minerva's "The final answer is X. I hope it is correct.") gets $...$ when it has no delimiter and
+    holds a LaTeX command or ^, or is neither a plain number (the library reads those) nor has a word ("12
+    apples"). Ours, as that gap of the library costs PRM800K / MetaMath-style answers ("The answer is: X")."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        marker = None
+        for marker in _MARKER_RE.finditer(line):
+            pass
+        if marker is None:
+            continue
+        core = _HOPE_RE.sub("", line[marker.end():]).strip().rstrip(".").strip()
+        if not core or _UNESCAPED_MATH_RE.search(core):
+            continue
+        if _LATEX_COMMAND_RE.search(core) or not (_BARE_NUMBER_RE.fullmatch(core) or _WORD_RE.search(core)):
+            start = line.index(core, marker.end())
+            lines[i] = f"{line[:start]}${core}${line[start + len(core):]}"
+    return "\n".join(lines)
+
+
 def _as_completion(completion: str, strict: bool) -> tuple[str, str] | None:
-    """(text, how) math-verify reads of a completion: all of it as a model's answer (flexible), or only its
-    boxes, together one answer, as a gold is read (strict; None without a box)."""
+    """(text, how) math-verify reads of a completion: all of it, bare answers after a marker delimited, as a
+    model's answer (flexible), or only its boxes, together one answer, as a gold is read (strict; None without
+    a box)."""
     if not strict:
-        return completion, "answer"
+        return _delimit_bare_answers(completion), "answer"
     boxes = _boxes(completion)
     return (" ".join(f"\\boxed{{{b}}}" for b in boxes), "gold") if boxes else None
 

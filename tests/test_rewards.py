@@ -227,6 +227,27 @@ def test_math_answer_modes():
     assert R.math_score([text], [r"\frac{14}{3}"], strict=True) == ([None], [False])
 
 
+# PRM800K / MetaMath's trailer and Minerva's sentence with the answer bare (no $): the library alone reads the
+# first number of "3\sqrt{13}" or "(6,31,-1)"; rpo.rewards delimits such an answer first.
+BARE = [
+    ("We get $x$.\nThe answer is: 3\\sqrt{13}", "3\\sqrt{13}", "3\\sqrt{13}"),
+    ("Final Answer: The final answer is \\frac{\\pi}{2}. I hope it is correct.", "\\frac{\\pi}{2}", "\\frac{\\pi}{2}"),
+    ("The answer is: (6,31,-1)", "(6,31,-1)", "(6,31,-1)"),
+    ("The answer is: 6 - 5i", "6-5i", "6 - 5i"),
+    ("The answer is: 3, 5, 7", "7,5,3", "3, 5, 7"),
+    ("Final answer: y = 2x + 3", "y=2x+3", "y = 2x + 3"),
+    ("The answer is: 12 apples", "12", "12"),  # words: left to the library, which reads the number
+    ("The final answer is 12,000,023. I hope it is correct.", "12000023", "12000023"),  # a plain number, too
+]
+
+
+def test_bare_answers_after_a_marker():
+    answers, correct = R.math_score([b[0] for b in BARE], [b[1] for b in BARE])
+    assert answers == [b[2] for b in BARE] and all(correct)
+    assert R.math_score(["The answer is: 6 + 5i"], ["6-5i"]) == (["6 + 5i"], [False])
+    assert R.math_answer("The answer is: 6 - 5i", strict=True) is None
+
+
 EQUAL = [
     (r"\dfrac{1}{2}", r"\frac12"), ("0.5", r"\frac{1}{2}"), (r"2\sqrt{2}", r"\sqrt{8}"),
     (r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt3}"), (r"\left( 3, \frac{\pi}{2} \right)", r"(3, \pi/2)"),
