@@ -5,6 +5,8 @@ Public API:
   save_pretrained(config, params, path)
   forward(config, params, tokens) -> logits
   load_tokenizer(path)
+  convert_gguf(gguf_path, out_dir)   a GGUF checkpoint (llama.cpp) -> an HF directory (gguf_import;
+                                     `python -m rpo.models.convert`); rpo.models.smollm2 prepares a real one
 The cached forward and the building blocks used by sampling and training live in
 rpo.models.decoder.
 """
@@ -21,13 +23,16 @@ from rpo.models.decoder import (
     param_shapes,
     unembed_matrix,
 )
+from rpo.models.gguf_import import GGUFError, convert_gguf
 from rpo.models.hf import load_pretrained, load_tokenizer, save_pretrained
 from rpo.models.safetensors_io import CheckpointError
 
 __all__ = [
     "CheckpointError",
+    "GGUFError",
     "ModelConfig",
     "UnsupportedConfigError",
+    "convert_gguf",
     "forward",
     "forward_cached",
     "from_hf_dict",

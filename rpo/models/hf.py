@@ -191,6 +191,39 @@ def load_pretrained(
     return config, params
 
 
+def write_weights(path: str, entries: list, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes HF-named tensors into `path` as model.safetensors, or as shards with an index past
+    `max_shard_bytes`; each entry is (name, shape, dtype, make) as rpo.models.safetensors_io.write
+    takes, so one tensor at a time is on the host. Weights of an earlier save into `path` are removed."""
+    os.makedirs(path, exist_ok=True)
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = int(np.prod(entry[1])) * np.dtype(entry[2]).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        write(os.path.join(path, SINGLE_FILE), shards[0], meta)
+        written = {SINGLE_FILE}
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards):
+            fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+            write(os.path.join(path, fname), shard, meta)
+            weight_map.update({e[0]: fname for e in shard})
+        total = sum(int(np.prod(e[1])) * np.dtype(e[2]).itemsize for e in entries)
+        write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written = set(weight_map.values()) | {INDEX_FILE}
+    # Weights of an earlier save into the same directory would shadow or mix with these.
+    for name in os.listdir(path):
+        if name.startswith("model") and (name.endswith(".safetensors") or name == INDEX_FILE) and name not in written:
+            os.remove(os.path.join(path, name))
+
+
 def save_pretrained(
     config: ModelConfig, params: Params, path: str, *, max_shard_bytes: int = 5 * 2**30
 ) -> None:
@@ -208,33 +241,7 @@ def save_pretrained(
     torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
         str(np.dtype(_get(params, ("embed",)).dtype))
     ]
-
-    shards: list[list] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = int(np.prod(entry[1])) * entry[2].itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        write(os.path.join(path, SINGLE_FILE), shards[0], meta)
-        written = {SINGLE_FILE}
-    else:
-        weight_map = {}
-        for n, shard in enumerate(shards):
-            fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-            write(os.path.join(path, fname), shard, meta)
-            weight_map.update({e[0]: fname for e in shard})
-        total = sum(int(np.prod(e[1])) * e[2].itemsize for e in entries)
-        write_json(os.path.join(path, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
-        written = set(weight_map.values()) | {INDEX_FILE}
-    # Weights of an earlier save into the same directory would shadow or mix with these.
-    for name in os.listdir(path):
-        if name.startswith("model") and (name.endswith(".safetensors") or name == INDEX_FILE) and name not in written:
-            os.remove(os.path.join(path, name))
+    write_weights(path, entries, max_shard_bytes=max_shard_bytes)
     write_json(os.path.join(path, "config.json"), config_lib.to_hf_dict(config, torch_dtype))
 
 
