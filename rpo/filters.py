@@ -147,7 +147,7 @@ _BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 @dataclasses.dataclass(frozen=True)
 class Parsed:
     question: str | None  # the new question / prompt, stripped; None when rejected
-    answer: str | None  # the normalised checkable answer (verifiable with_answer only)
+    answer: str | None  # the checkable answer in its written form (verifiable with_answer only)
     reason: str | None = None  # None: accepted; else one of the reason codes above
 
     @property
@@ -253,7 +253,7 @@ def checkable_answer(s: str) -> str | None:
 
 
 class _Radical:
-    """Recognises the exact-radical grammar of checkable_answer on a normalised answer:
+    """Recognises the exact-radical grammar of checkable_answer on its written form:
     expr := ['-'] term (('+' | '-') term)*;  term := int | [int] root | \\frac{expr}{expr};
     root := \\sqrt{int} | \\sqrt[int]{int}."""
 
