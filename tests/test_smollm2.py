@@ -318,14 +318,17 @@ def test_configs_build_and_pass_their_checks(model_dir):
     from rpo import self_instruct
 
     mod = load_config()
-    for job in ("sample", "gsm8k", "self_instruct"):
+    for job in ("sample", "gsm8k", "arith", "self_instruct"):
         for local in ("", ",runlocal"):
             c = mod.get_config(f"{job}{local},model={model_dir}")
-            assert c.model.path == model_dir and c.mode == ("irpo" if job == "gsm8k" else job)
+            assert c.model.path == model_dir and c.mode == ("irpo" if job in ("gsm8k", "arith") else job)
             assert c.model.dtype == ("float32" if local else "bfloat16")
             if job == "gsm8k":
                 irpo.check_config(c)
                 assert c.data.chat_template and c.task.max_examples == (24 if local else 0)
+            elif job == "arith":
+                irpo.check_config(c)
+                assert c.task.name == "arith" and c.data.chat_template and not c.task.strict
             elif job == "self_instruct":
                 self_instruct.check_config(c)
                 assert c.data.chat_template and c.synth.filter == "answer_consistency"

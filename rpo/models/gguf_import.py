@@ -101,6 +101,15 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
+def hf_to_gguf_name(name: str) -> str:
+    """The GGUF name of an HF tensor name this module maps (the inverse of gguf_to_hf_name)."""
+    for g, h in _GLOBAL.items():
+        if h == name:
+            return g
+    _, _, i, rest = name.split(".", 3)  # model.layers.<i>.<rest>
+    return f"blk.{i}." + next(g for g, h in _LAYER.items() if h == rest)
+
+
 def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     """Undoes llama.cpp's q/k row order ([heads * E, ...], rows of a head interleaved as pairs
     (0, E/2), (1, E/2+1), ...) back to HF's halves (0..E/2-1, then E/2..E-1)."""
@@ -256,11 +265,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32", tokeni
         by_hf[hf_name] = t
     missing = [n for n in expected if n not in by_hf]
     if missing:
-        gguf_names = {v: k for k, v in _GLOBAL.items()}
-        first = missing[0]
-        shown = gguf_names.get(first) or "blk.{}.{}".format(
-            first.split(".")[2], {v: k for k, v in _LAYER.items()}[first.split(".", 3)[3]])
-        raise GGUFError(f"{gguf_path}: tensor {shown} is missing ({len(missing)} missing in all)")
+        raise GGUFError(f"{gguf_path}: tensor {hf_to_gguf_name(missing[0])} is missing ({len(missing)} missing in all)")
 
     np_dtype = np.dtype(np.float32) if dtype == "float32" else np.dtype(ml_dtypes.bfloat16)
     permute = config.model_type == "llama"
