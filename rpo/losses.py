@@ -1,4 +1,5 @@
-"""Losses as pure functions: sequence log-probs over response tokens, DPO (+ variants), NLL.
+"""Losses as pure functions: sequence log-probs over response tokens, DPO (+ variants), NLL, and per-token
+log-probs under the sampling distribution with the GRPO objective (its own section below).
 
 Shape letters are those of rpo.models.decoder (B batch, T tokens, D hidden, V vocab), plus
 C for a chunk of the sequence.
@@ -294,3 +295,187 @@ def sft_nll(logps, lengths) -> tuple[jax.Array, Metrics]:
     tokens = jnp.sum(lengths)
     loss = -jnp.sum(logps) / jnp.maximum(tokens, 1.0)
     return loss, {"loss/nll": loss, "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------
+# Per-token log-probs under the sampling distribution, and the GRPO objective
+# ---------------------------------------------------------------------------------------
+#
+# GRPO (Shao et al. 2024, "DeepSeekMath", Eq. 3) per token t of sample i of a group of G samples of one prompt:
+#   l_it = -min(r_it * A_i, clip(r_it, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_it
+#   r_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)      (pi_old: the policy the samples were drawn from)
+#   KL_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1           (the "k3" estimator, Schulman 2020; >= 0)
+#   A_i = (R_i - mean_g R) [/ (std_g R + eps)]                      (group-normalised outcome advantage)
+# eps_high > eps_low is DAPO's "clip-higher" (Yu et al. 2025). How the l_it of a batch are averaged
+# (NORMALIZATIONS) is a config choice:
+#   sequence  mean over samples of the per-sample token mean: GRPO's 1/G sum_i 1/|o_i| sum_t (DeepSeekMath Eq. 3;
+#             TRL loss_type="grpo")
+#   token     sum over every token of the batch / the batch's token count: DAPO's 1/sum_i |o_i| sum_i sum_t
+#             (Yu et al. 2025, Eq. 8; TRL "dapo" / "bnpo" on one batch)
+#   constant  sum over every token / (samples x max_new_tokens): Dr. GRPO's constant normaliser (Liu et al. 2025,
+#             "Understanding R1-Zero-Like Training", Sec. 3.1; TRL "dr_grpo")
+# Temperature, top-k and top-p enter the ratio on both sides: pi_old is what rpo.sampling drew from and reports
+# (log_softmax(logits / T) after its top-k and top-p masks, renormalised over the kept tokens), and pi_theta is the
+# same transform of the current logits (`sampling_scores`), so at theta = theta_old the ratio is 1. The reference's
+# log-probs (the KL term) use the same transform of the reference's logits, as TRL uses the temperature there.
+
+NORMALIZATIONS = ("sequence", "token", "constant")
+
+
+def sampling_scores(logits_XV: jax.Array, targets_X: jax.Array, *, temperature: float, top_k: int = 0,
+                    top_p: float = 1.0) -> jax.Array:
+    """The unnormalised log-probs of the distribution rpo.sampling draws from, for scoring a given token.
+
+    logits / temperature; with top_k > 0 only the k highest stay; with top_p < 1 only the nucleus of what is left
+    (the smallest set of most probable tokens whose mass reaches top_p, tokens tied with its last one included: the
+    sampler's rule). Dropped tokens get decoder.NEG_INF, except the target, which always stays in the set (so a
+    token the sampler drew keeps a finite log-prob when the parameters move its rank; at the sampling parameters it
+    is in the set anyway). The kept set is chosen without gradient; the gradient flows through the kept logits.
+    float32 [..., V]; temperature must be > 0. Ties at the k-th value are all kept (the sampler keeps exactly k).
+    """
+    from rpo.models.decoder import NEG_INF
+
+    scaled = logits_XV.astype(jnp.float32) / temperature
+    v = scaled.shape[-1]
+    keep = jnp.ones(scaled.shape, bool)
+    s = jax.lax.stop_gradient(scaled)
+    if top_k and top_k < v:
+        kth = jax.lax.top_k(s, int(top_k))[0][..., -1:]
+        keep = s >= kth
+    if top_p < 1.0:
+        masked = jnp.where(keep, s, NEG_INF)
+        lse = jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+        desc = -jnp.sort(-masked, axis=-1)
+        p = jnp.exp(desc - lse)
+        before = jnp.cumsum(p, axis=-1) - p
+        count = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+        thresh = jnp.take_along_axis(desc, count - 1, axis=-1)
+        keep = keep & (masked >= thresh)
+    keep = keep | (jax.lax.broadcasted_iota(jnp.int32, scaled.shape, scaled.ndim - 1) == targets_X[..., None])
+    return jnp.where(keep, scaled, NEG_INF)
+
+
+def token_logps_from_hidden(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array, *,
+                            chunk_size: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+                            ) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probs of targets_BT under sampling_scores(hidden @ w) and the entropy of that distribution
+    (no gradient): ([B, T], [B, T]) float32, 0 where mask_BT is False.
+
+    The sequence is cut into chunks of C tokens scanned with jax.checkpoint around each chunk, so only one chunk's
+    [B, C, V] logits live at a time, forward and backward (the backward recomputes them); chunks without a masked
+    token skip the projection. (sequence_logps' hand-written VJP gives only a row sum; GRPO needs each token.)
+    """
+    b, t, d = hidden_BTD.shape
+    c = max(1, min(int(chunk_size), t))
+    n = -(-t // c)
+    pad = n * c - t
+    mask_BT = mask_BT.astype(bool)
+    if pad:
+        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
+    h_NBCD = hidden_BTD.reshape(b, n, c, d).transpose(1, 0, 2, 3)
+    y_NBC = targets_BT.astype(jnp.int32).reshape(b, n, c).transpose(1, 0, 2)
+    m_NBC = mask_BT.reshape(b, n, c).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def chunk(h_BCD, y_BC):
+        s_BCV = sampling_scores(_chunk_logits(h_BCD, w_DV), y_BC, temperature=temperature, top_k=top_k, top_p=top_p)
+        lse_BC = jax.nn.logsumexp(s_BCV, axis=-1)
+        logp_BC = jnp.take_along_axis(s_BCV, y_BC[..., None], axis=-1)[..., 0] - lse_BC
+        logq_BCV = jax.lax.stop_gradient(s_BCV - lse_BC[..., None])
+        ent_BC = -jnp.sum(jnp.exp(logq_BCV) * logq_BCV, axis=-1)  # dropped tokens: exp(-1e30) * -1e30 = 0
+        return logp_BC, ent_BC
+
+    def body(_, xs):
+        h_BCD, y_BC, m_BC = xs
+        zeros = lambda *_: (jnp.zeros((b, c), jnp.float32), jnp.zeros((b, c), jnp.float32))  # noqa: E731
+        logp_BC, ent_BC = jax.lax.cond(jnp.any(m_BC), chunk, zeros, h_BCD, y_BC)
+        return None, (jnp.where(m_BC, logp_BC, 0.0), jnp.where(m_BC, ent_BC, 0.0))
+
+    _, (logp_NBC, ent_NBC) = jax.lax.scan(body, None, (h_NBCD, y_NBC, m_NBC))
+    back = lambda x: x.transpose(1, 0, 2).reshape(b, n * c)[:, :t]  # noqa: E731
+    return back(logp_NBC), back(ent_NBC)
+
+
+def token_logps(config: ModelConfig, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array,
+                mask_BT: jax.Array, loss_mask_BT: jax.Array, *, chunk_size: int, remat: bool = False,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probs and entropies ([B, T] each, float32) aligned with the tokens: entry t is token t's
+    log-prob given tokens < t under the sampling transform (see sampling_scores), 0 where loss_mask_BT is False
+    (entry 0 is always 0: nothing predicts the first token). Rows as in sequence_logps."""
+    hidden_BTD, _ = hidden_states(config, params, tokens_BT, positions_BT=positions_BT, mask_BT=mask_BT, remat=remat)
+    w_DV = unembed_matrix(config, params).astype(hidden_BTD.dtype)
+    logp, ent = token_logps_from_hidden(hidden_BTD[:, :-1], w_DV, tokens_BT[:, 1:], loss_mask_BT[:, 1:],
+                                        chunk_size=chunk_size, temperature=temperature, top_k=top_k, top_p=top_p)
+    zero = jnp.zeros((tokens_BT.shape[0], 1), jnp.float32)
+    return jnp.concatenate([zero, logp], axis=1), jnp.concatenate([zero, ent], axis=1)
+
+
+def grpo_token_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, *, clip_low: float, clip_high: float,
+                    beta: float, kl_ratio: bool = False) -> tuple[jax.Array, Metrics]:
+    """The per-token GRPO loss l_it (see above), 0 off the mask: ([B, T], per-token indicators [B, T]).
+
+    kl_ratio: weight the KL term by the (differentiable) ratio r_it, which makes its gradient that of the reverse KL
+    for samples drawn from pi_old (DeepSeek-V3.2, 2025, Sec. 3.1 "unbiased KL estimate"; TRL's
+    use_bias_correction_kl); False is DeepSeekMath's GRPO.
+
+    Indicators (float, 0 off the mask): 'clip/low' (ratio < 1 - eps_low with A < 0: the clip removes the gradient),
+    'clip/high' (ratio > 1 + eps_high with A > 0), 'clip/region' (either), 'kl' (the k3 value, also when beta = 0),
+    'ratio'. With beta = 0, ref_logp_BT is not read (pass anything of the right shape)."""
+    m = mask_BT.astype(bool)
+    log_ratio = jnp.where(m, logp_BT - old_logp_BT, 0.0)
+    ratio = jnp.exp(log_ratio)
+    a = adv_B[:, None].astype(jnp.float32)
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = -jnp.minimum(ratio * a, clipped * a)
+    d = jnp.where(m, ref_logp_BT - logp_BT, 0.0)
+    kl = jnp.exp(d) - d - 1.0
+    if beta:
+        loss = loss + beta * (kl * ratio if kl_ratio else kl)
+    low = (ratio < 1.0 - clip_low) & (a < 0)
+    high = (ratio > 1.0 + clip_high) & (a > 0)
+    f = lambda x: jnp.where(m, x.astype(jnp.float32), 0.0)  # noqa: E731
+    return f(loss), {"clip/low": f(low), "clip/high": f(high), "clip/region": f(low | high),
+                     "kl": f(jax.lax.stop_gradient(kl)), "ratio": f(jax.lax.stop_gradient(ratio))}
+
+
+def grpo_numerator(token_loss_BT, mask_BT, row_mask_B, *, normalization: str) -> jax.Array:
+    """The batch's share of the loss before the normaliser: sum over real rows of the per-row token mean
+    (sequence) or sum over every real token (token, constant). Sums add across micro-batches."""
+    w_B = row_mask_B.astype(jnp.float32)
+    per_row = jnp.sum(token_loss_BT * mask_BT, axis=-1)
+    if normalization == "sequence":
+        per_row = per_row / jnp.maximum(jnp.sum(mask_BT, axis=-1).astype(jnp.float32), 1.0)
+    elif normalization not in ("token", "constant"):
+        raise ValueError(f"GRPO normalization {normalization!r}: use one of {NORMALIZATIONS}")
+    return jnp.sum(per_row * w_B)
+
+
+def grpo_denominator(mask_BT, row_mask_B, *, normalization: str, max_new_tokens: int) -> jax.Array:
+    """The normaliser of a whole batch (all micro-batches): real rows (sequence), real completion tokens (token),
+    or real rows x max_new_tokens (constant); at least 1."""
+    rows = jnp.sum(row_mask_B.astype(jnp.float32))
+    if normalization == "sequence":
+        den = rows
+    elif normalization == "token":
+        den = jnp.sum(mask_BT.astype(jnp.float32) * row_mask_B.astype(jnp.float32)[..., None])
+    elif normalization == "constant":
+        den = rows * float(max_new_tokens)
+    else:
+        raise ValueError(f"GRPO normalization {normalization!r}: use one of {NORMALIZATIONS}")
+    return jnp.maximum(den, 1.0)
+
+
+def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, *, clip_low: float, clip_high: float, beta: float,
+              normalization: str, max_new_tokens: int, row_mask_B=None, kl_ratio: bool = False) -> tuple[jax.Array, Metrics]:
+    """The GRPO loss of one batch (per-token arrays aligned with the completion tokens, mask True on them), with
+    its metrics averaged over the batch's tokens."""
+    row_mask_B = jnp.ones(adv_B.shape, bool) if row_mask_B is None else row_mask_B
+    mask_BT = mask_BT.astype(bool) & row_mask_B[:, None]
+    tl, ind = grpo_token_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, clip_low=clip_low,
+                              clip_high=clip_high, beta=beta, kl_ratio=kl_ratio)
+    loss = grpo_numerator(tl, mask_BT, row_mask_B, normalization=normalization) / grpo_denominator(
+        mask_BT, row_mask_B, normalization=normalization, max_new_tokens=max_new_tokens)
+    tokens = jnp.maximum(jnp.sum(mask_BT), 1)
+    return loss, {k: jnp.sum(v) / tokens for k, v in ind.items()}

@@ -86,6 +86,17 @@ def irpo_job(config, workdir: str) -> None:
     _log(f"results ({workdir}/results.json, accuracy.png):\n{table}")
 
 
+def grpo_job(config, workdir: str) -> None:
+    """GRPO on a task (rpo.grpo.run): the same stages, evaluation and results table as IRPO."""
+    from rpo import grpo, report
+
+    rows = grpo.run(config, workdir)
+    shown = ("iteration", "greedy_accuracy", "maj_accuracy", "train_reward_mean", "train_zero_adv_fraction",
+             "grpo_steps", "samples")
+    table = report.format_table([{k: row[k] for k in shown if k in row} for row in rows])
+    _log(f"results ({workdir}/results.json, accuracy.png, grpo_curves.png):\n{table}")
+
+
 def self_instruct_job(config, workdir: str) -> None:
     """CoT-Self-Instruct synthesis and filtering (then IRPO with synth.then_irpo): rpo.self_instruct.run."""
     from rpo import report, self_instruct
@@ -97,7 +108,8 @@ def self_instruct_job(config, workdir: str) -> None:
          + report.format_table(rows))
 
 
-JOBS = {"irpo": irpo_job, "sample": sample_job, "self_instruct": self_instruct_job, "train": train_job}
+JOBS = {"irpo": irpo_job, "grpo": grpo_job, "sample": sample_job, "self_instruct": self_instruct_job,
+        "train": train_job}
 
 
 def main(argv) -> None:

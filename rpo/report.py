@@ -15,6 +15,8 @@
   format_table      the same rows as a Markdown table.
   plot_results      a PNG of every *_accuracy column against the iteration (matplotlib Agg,
                     imported on first use).
+  plot_curves       a PNG of per-step training metrics (e.g. GRPO's reward, zero-advantage fraction,
+                    response length, clip fraction, KL, entropy), one panel each, a spread as a band.
 On several processes (rpo.distributed) only process 0 shows progress bars and writes logs and
 event files; elsewhere they are silent no-ops, so callers need not branch. results.json and the
 plot go through rpo.files (written by process 0, called by every process).
@@ -267,3 +269,44 @@ def plot_results(rows: Sequence[Mapping], png_path: str, *, title: str = "") -> 
     with files.atomic_write(png_path, "wb") as f:
         fig.savefig(f, format="png")
     return keys
+
+
+def plot_curves(rows: Sequence[Mapping], png_path: str, columns: Sequence[tuple[str, str | None]], *,
+                title: str = "") -> list[str]:
+    """One panel per (column, spread column or None) against row["step"]: the column's values as a line, and with
+    a spread column a band of value +- spread. Columns no row has are left out; a missing or non-finite value
+    leaves a gap. Returns the plotted columns."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    for i, row in enumerate(rows):
+        if "step" not in row:
+            raise ValueError(f"{png_path}: row {i} has no 'step' field")
+    present = set(_columns(rows))
+    panels = [(c, s) for c, s in columns if c in present]
+    if not panels:
+        raise ValueError(f"{png_path}: none of the columns {[c for c, _ in columns]} is in the rows")
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4 * cols, 3 * nrows), dpi=100)
+    FigureCanvasAgg(fig)
+    x = [row["step"] for row in rows]
+    value = lambda row, key: float(row[key]) if row.get(key) is not None else math.nan  # noqa: E731
+    for k, (column, spread) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        y = [value(row, column) for row in rows]
+        ax.plot(x, y, lw=1.2)
+        if spread and spread in present:
+            s = [value(row, spread) for row in rows]
+            ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.25,
+                            label=f"+- {spread}")
+            ax.legend(fontsize=7)
+        ax.set_title(column, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with files.atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png")
+    return [c for c, _ in panels]

@@ -549,3 +549,149 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
             shutil.rmtree(old, ignore_errors=True)
         distributed.sync(f"rpo.train: {final} written")
     return state["params"]
+
+
+# ---------------------------------------------------------------------------------------
+# Rollout batches and the GRPO step (rpo.grpo drives them)
+# ---------------------------------------------------------------------------------------
+#
+# A rollout row (a dict; rpo.grpo builds them from rpo.sampling's output):
+#   {"prompt_ids": [...], "completion_ids": [...], "logprobs": [one float per completion token: the sampler's,
+#    i.e. log pi_old], "advantage": float, optional "ref_logprobs": [per completion token, the reference's]}
+# packed right-padded like the SFT rows above (the prompt then the completion, one side: no P axis):
+#   tokens_BT, positions_BT, mask_BT, loss_mask_BT (True on completion tokens), old_logps_BT and ref_logps_BT
+#   (float32, the per-token values at their tokens' positions, 0 elsewhere), adv_B float32, row_mask_B bool.
+# The GRPO step takes them with a leading micro-batch axis ([M, B/M, ...]) and accumulates exactly: the normaliser
+# (rows, tokens or rows x max_new_tokens, losses.grpo_denominator) is counted over the whole batch first.
+
+ROLLOUT_FIELDS = ("tokens_BT", "positions_BT", "mask_BT", "loss_mask_BT", "old_logps_BT", "ref_logps_BT", "adv_B",
+                  "row_mask_B")
+
+
+def make_rollout_batch(rows: list[dict], batch_size: int, *, seq_len: int, pad_id: int) -> Batch:
+    """Packs up to `batch_size` rollout rows (the rest are padding rows) into numpy arrays [B, ...]. A row whose
+    prompt + completion passes seq_len, or whose logprobs do not match its completion, raises DataError."""
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rollouts do not fit a batch of {batch_size}")
+    out = {
+        "tokens_BT": np.full((batch_size, seq_len), pad_id, np.int32),
+        "positions_BT": np.zeros((batch_size, seq_len), np.int32),
+        "mask_BT": np.zeros((batch_size, seq_len), bool),
+        "loss_mask_BT": np.zeros((batch_size, seq_len), bool),
+        "old_logps_BT": np.zeros((batch_size, seq_len), np.float32),
+        "ref_logps_BT": np.zeros((batch_size, seq_len), np.float32),
+        "adv_B": np.zeros((batch_size,), np.float32),
+        "row_mask_B": np.zeros((batch_size,), bool),
+    }
+    for i, row in enumerate(rows):
+        where = row.get("_where", f"rollout {i}")
+        prompt, completion = row["prompt_ids"], row["completion_ids"]
+        for field in ("logprobs",) + (("ref_logprobs",) if "ref_logprobs" in row else ()):
+            if len(row[field]) != len(completion):
+                raise DataError(f"{where}: {len(row[field])} {field} for {len(completion)} completion tokens")
+        packed = _pack(prompt, completion, seq_len, pad_id, False, where)
+        for name, value in zip(("tokens_BT", "positions_BT", "mask_BT", "loss_mask_BT"), packed):
+            out[name][i] = value
+        n = len(prompt)
+        out["old_logps_BT"][i, n: n + len(completion)] = row["logprobs"]
+        if "ref_logprobs" in row:
+            out["ref_logps_BT"][i, n: n + len(completion)] = row["ref_logprobs"]
+        out["adv_B"][i] = row["advantage"]
+        out["row_mask_B"][i] = True
+    return out
+
+
+def device_rollouts(rows: list[dict], batch_size: int, *, mesh, rules, grad_accum: int | None = None, seq_len: int,
+                    pad_id: int) -> Batch:
+    """Rollout rows (padded to batch_size) as global arrays on `mesh`, as device_batch does for pairs: [B, ...], or
+    [M, B/M, ...] with grad_accum=M; each process packs only the rows its devices hold."""
+    micro_count = grad_accum or 1
+    if batch_size % micro_count:
+        raise ValueError(f"batch of {batch_size} rollouts does not split into grad_accum={micro_count} micro-batches")
+    micro = batch_size // micro_count
+    lead = (micro_count, micro) if grad_accum else (micro,)
+    dim = len(lead) - 1
+    mine = distributed.process_rows(sharding.batch_sharding(mesh, len(lead), rules, dim), lead, dim)
+    parts = [make_rollout_batch([rows[j] for j in (m * micro + mine).tolist() if j < len(rows)], len(mine),
+                                seq_len=seq_len, pad_id=pad_id) for m in range(micro_count)]
+    local = {k: np.stack([p[k] for p in parts]) if grad_accum else parts[0][k] for k in parts[0]}
+    shapes = {k: lead + v.shape[len(lead):] for k, v in local.items()}
+    return jax.make_array_from_process_local_data(batch_shardings(mesh, rules, local, dim), local, shapes)
+
+
+def _rollout_logps(params, batch, *, model_config, g, remat):
+    return losses.token_logps(model_config, params, batch["tokens_BT"], batch["positions_BT"], batch["mask_BT"],
+                              batch["loss_mask_BT"], chunk_size=g.chunk_size, remat=remat,
+                              temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+
+
+def grpo_sums(params: Params, batch: Batch, denom, *, model_config: ModelConfig, g, remat: bool) -> dict[str, jax.Array]:
+    """Sums over the real rows of one rollout batch [B, ...]: 'loss' (losses.grpo_numerator / denom), 'tokens',
+    'rows', and 'tok/<name>' (sums over tokens of each per-token indicator of losses.grpo_token_loss, and of the
+    entropy). `g` holds the GRPO fields: clip_low, clip_high, beta, kl_ratio, normalization, temperature, top_k,
+    top_p, chunk_size (and max_new_tokens, for grpo_step's normaliser)."""
+    logp_BT, ent_BT = _rollout_logps(params, batch, model_config=model_config, g=g, remat=remat)
+    row_B = batch["row_mask_B"]
+    mask_BT = batch["loss_mask_BT"] & row_B[:, None]
+    tl, ind = losses.grpo_token_loss(logp_BT, batch["old_logps_BT"], batch["ref_logps_BT"], batch["adv_B"], mask_BT,
+                                     clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta, kl_ratio=g.kl_ratio)
+    out = {"loss": losses.grpo_numerator(tl, mask_BT, row_B, normalization=g.normalization) / denom,
+           "tokens": jnp.sum(mask_BT.astype(jnp.float32)), "rows": jnp.sum(row_B.astype(jnp.float32)),
+           "tok/entropy": jnp.sum(jax.lax.stop_gradient(ent_BT) * mask_BT)}
+    out.update({f"tok/{k}": jnp.sum(v) for k, v in ind.items()})
+    return out
+
+
+def grpo_step(state: State, batch: Batch, *, model_config: ModelConfig, g, optimizer, remat: bool = False
+              ) -> tuple[State, dict]:
+    """One optimizer step on a rollout batch [M, B/M, ...] (M micro-batches accumulated exactly). Metrics: 'loss',
+    'grad_norm', 'tokens', 'rows', and the token means 'entropy', 'kl', 'ratio', 'clip/low', 'clip/high',
+    'clip/region' (at the parameters before the step)."""
+    mask = batch["loss_mask_BT"] & batch["row_mask_B"][..., None]
+    denom = losses.grpo_denominator(mask, batch["row_mask_B"], normalization=g.normalization,
+                                    max_new_tokens=g.max_new_tokens)
+
+    def micro_grads(params, mb):
+        def f(p):
+            sums = grpo_sums(p, mb, denom, model_config=model_config, g=g, remat=remat)
+            return sums["loss"], sums
+
+        (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, sums
+
+    params = state["params"]
+    if batch["row_mask_B"].shape[0] == 1:
+        grads, sums = micro_grads(params, jax.tree.map(lambda x: x[0], batch))
+    else:
+        def body(acc, mb):
+            return jax.tree.map(jnp.add, acc, micro_grads(params, mb)), None
+
+        shapes = jax.eval_shape(micro_grads, params, jax.tree.map(lambda x: x[0], batch))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, sums), _ = jax.lax.scan(body, zeros, batch)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    metrics = {"loss": sums["loss"], "tokens": sums["tokens"], "rows": sums["rows"], "grad_norm": optax.global_norm(grads)}
+    metrics.update({k[4:]: v / tokens for k, v in sums.items() if k.startswith("tok/")})
+    return new_state, metrics
+
+
+def make_grpo_step(model_config: ModelConfig, g, optimizer, mesh, rules, example_batch: Batch, *, remat: bool = False
+                   ) -> Callable:
+    """jax.jit of grpo_step with in/out shardings on `mesh` and the state donated."""
+    s_shard = state_shardings(model_config, optimizer, mesh, rules)
+    b_shard = batch_shardings(mesh, rules, example_batch, batch_dim=1)
+    fn = lambda state, batch: grpo_step(state, batch, model_config=model_config, g=g, optimizer=optimizer,  # noqa: E731
+                                        remat=remat)
+    return jax.jit(fn, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+
+def make_rollout_logps_fn(model_config: ModelConfig, g, mesh, rules, example_batch: Batch) -> Callable:
+    """jitted (params, rollout batch [B, ...]) -> per-token log-probs [B, T] under the sampling transform of `g`
+    (the reference's, for the KL term)."""
+    p_shard = sharding.param_shardings(model_config, mesh, rules)
+    b_shard = batch_shardings(mesh, rules, example_batch, batch_dim=0)
+    fn = lambda params, batch: _rollout_logps(params, batch, model_config=model_config, g=g, remat=False)[0]  # noqa: E731
+    return jax.jit(fn, in_shardings=(p_shard, b_shard), out_shardings=sharding.replicated(mesh))
