@@ -97,19 +97,33 @@ def grpo_job(config, workdir: str) -> None:
     _log(f"results ({workdir}/results.json, accuracy.png, grpo_curves.png):\n{table}")
 
 
-def self_instruct_job(config, workdir: str) -> None:
-    """CoT-Self-Instruct synthesis and filtering (then IRPO with synth.then_irpo): rpo.self_instruct.run."""
-    from rpo import report, self_instruct
+def rm_dpo_job(config, workdir: str) -> None:
+    """DPO on best-vs-worst pairs chosen by a reward model (rpo.rm_dpo.run)."""
+    from rpo import report, rm_dpo
 
-    counts = self_instruct.run(config, workdir)
+    rows = rm_dpo.run(config, workdir)
+    shown = ("iteration", "eval_reward_mean", "win_rate_vs_m0", "train_reward_mean", "pairs")
+    table = report.format_table([{k: row[k] for k in shown if k in row} for row in rows])
+    _log(f"results ({workdir}/results.json, reward.png):\n{table}")
+
+
+def self_instruct_job(config, workdir: str) -> None:
+    """CoT-Self-Instruct synthesis and filtering (then IRPO with synth.then_irpo, or the method of a `chain`
+    block: rpo.chain): rpo.self_instruct.run."""
+    from rpo import chain, report, self_instruct
+
+    if chain.chained(config):
+        counts = chain.run(config, workdir)
+    else:
+        counts = self_instruct.run(config, workdir)
     rows = [{"outcome": "kept", "count": counts["kept"]}] + [
         {"outcome": f"rejected: {k}", "count": v} for k, v in counts["reasons"].items()]
     _log(f"{counts['generations']} generations ({workdir}/dataset.jsonl, rejected.jsonl, counts.json):\n"
          + report.format_table(rows))
 
 
-JOBS = {"irpo": irpo_job, "grpo": grpo_job, "sample": sample_job, "self_instruct": self_instruct_job,
-        "train": train_job}
+JOBS = {"irpo": irpo_job, "grpo": grpo_job, "rm_dpo": rm_dpo_job, "sample": sample_job,
+        "self_instruct": self_instruct_job, "train": train_job}
 
 
 def main(argv) -> None:
