@@ -40,7 +40,8 @@ def _jsonl(path):
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    """A random model of the quick config's shape, with the character tokenizer."""
+    """A random model of the quick config's shape (as in test_grpo.py and test_rm_dpo.py, so that a worker running
+    them compiles once), with the character tokenizer."""
     import jax
 
     import rpo.models as M
@@ -51,7 +52,6 @@ def policy(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("chain") / "policy")
     arith = load_module(os.path.join(ROOT, "configs", "arith_tiny.py")).get_config("quick")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in arith.model.random.items()}
-    fields["max_position_embeddings"] = 512
     M.save_pretrained(ModelConfig(**fields), init_params(ModelConfig(**fields), jax.random.PRNGKey(7)), path)
     char_tokenizer().save_pretrained(path)
     return path
@@ -75,8 +75,9 @@ def _given_generations(cfg, workdir, texts, kind, method):
 def test_self_instruct_then_grpo_trains_on_the_kept_problems(policy, tmp_path, capsys):
     cfg = load_module(os.path.join(ROOT, "configs", "self_instruct_grpo_tiny.py")).get_config("quick")
     cfg.model.path, cfg.init.num_steps = policy, 0
+    cfg.seq_len = 96  # the policy's context is 256 (no warm-start rows to fit)
     cfg.synth.filter = "none"
-    cfg.grpo.update(steps_per_iteration=2, prompts_per_step=2)
+    cfg.grpo.update(steps_per_iteration=2)
     workdir = str(tmp_path / "run")
     _given_generations(cfg, workdir, VERIFIABLE, "verifiable", "cot")
     main.JOBS[cfg.mode](cfg, workdir)
@@ -91,7 +92,7 @@ def test_self_instruct_then_grpo_trains_on_the_kept_problems(policy, tmp_path, c
     assert recorded["task"]["train_file"] == os.path.join(workdir, "dataset.jsonl")
     assert "synth" not in recorded and "irpo" not in recorded and "chain" not in recorded
     rows = json.load(open(os.path.join(g, "results.json")))
-    assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["samples"] == 2 * 2 * cfg.grpo.group_size
+    assert [r["iteration"] for r in rows] == [0, 1] and rows[1]["samples"] == 2 * 8 * cfg.grpo.group_size
     steps = _jsonl(os.path.join(g, "iter1", "train", "metrics.jsonl"))
     assert [s["step"] for s in steps] == [1, 2]
 
@@ -117,6 +118,7 @@ def test_self_instruct_then_rip_then_reward_model_dpo(policy, tmp_path):
     cfg = load_module(os.path.join(ROOT, "configs", "self_instruct_rm_dpo_tiny.py")).get_config(
         f"quick,model={policy},rm={rm_dir},seeds={seeds}")
     cfg.synth.update(num_solutions=3, solve_max_new_tokens=8, rip_percentile=30.0)
+    cfg.seq_len = cfg.rm_dpo.reward_max_len = 96  # the policy's context is 256
     workdir = str(tmp_path / "run")
     _given_generations(cfg, workdir, INSTRUCTIONS, "instruction", "cot")
     counts = chain.run(cfg, workdir)

@@ -5,9 +5,18 @@ parameters, with temperature, top-k and top-p; TRL's group advantages give ours.
 
 TRL's loss types map to ours: grpo -> sequence (per-sample token mean, then mean over samples), dapo -> token (sum
 over the batch's tokens / their count), dr_grpo -> constant (sum / (samples x max_completion_length)).
+
+The sharded check (the GRPO step on a 2 x 2 x 2 data x fsdp x tensor mesh equals the one-device step) needs 8 fake
+CPU devices, which XLA only gives a process that sets XLA_FLAGS before importing jax: it runs this file as a
+script in a subprocess.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -209,3 +218,66 @@ def test_old_logprobs_are_the_samplers_and_the_ratio_starts_at_one(model_dir):
         if top_k or top_p < 1.0:
             _, full, _ = _our_logps(config, params, rows, temperature=TEMPERATURE)
             assert np.abs(full[m] - batch["old_logps_BT"][m]).max() > 1e-2
+
+
+def _sharded_check() -> dict:
+    """One GRPO step (2 micro-batches, beta > 0, top-p in the ratio) of a random model on one device and on a
+    2 x 2 x 2 mesh of 8 fake devices: losses, metrics and updated params, as JSON."""
+    from rpo.models.config import ModelConfig
+    from rpo.models.decoder import init_params
+
+    config = ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128, eos_token_ids=(1,),
+                         pad_token_id=0)
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.PRNGKey(0)))  # host copies: the step donates
+    rng = np.random.default_rng(2)
+    rows = []
+    for i in range(8):
+        k = int(rng.integers(3, MAX_NEW + 1))
+        rows.append({"prompt_ids": rng.integers(3, VOCAB, int(rng.integers(3, 9))).tolist(),
+                     "completion_ids": rng.integers(3, VOCAB, k).tolist(),
+                     "logprobs": (-rng.uniform(3.0, 6.0, k)).tolist(), "ref_logprobs": (-rng.uniform(3.0, 6.0, k)).tolist(),
+                     "advantage": float(rng.normal())})
+    g = ml_collections.ConfigDict(dict(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, beta=BETA, kl_ratio=False,
+                                       normalization="token", temperature=TEMPERATURE, top_k=0, top_p=0.9,
+                                       chunk_size=5, max_new_tokens=MAX_NEW))
+    optimizer = train.make_optimizer(ml_collections.ConfigDict(dict(
+        lr=1e-2, schedule="constant", warmup_steps=0, end_lr_fraction=1.0, weight_decay=0.0, b1=0.9, b2=0.99,
+        eps=1e-8, clip_norm=1.0)), 1)
+    rules = sharding.DEFAULT_RULES
+    out = {"devices": len(jax.devices())}
+    for shape in ((1, 1, 1), (2, 2, 2)):
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        example = train.split_micro(train.make_rollout_batch([], 8, seq_len=24, pad_id=0), 2)
+        step = train.make_grpo_step(config, g, optimizer, mesh, rules, example)
+        state = jax.device_put(train.init_state(params, optimizer),
+                               train.state_shardings(config, optimizer, mesh, rules))
+        new, metrics = step(state, train.device_rollouts(rows, 8, mesh=mesh, rules=rules, grad_accum=2, seq_len=24,
+                                                         pad_id=0))
+        flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(new["params"])])
+        out["x".join(map(str, shape))] = {"metrics": {k: float(v) for k, v in metrics.items()},
+                                          "params": flat.tolist(), "q_spec": str(new["params"]["layers"]["q"].sharding.spec)}
+    out["moved"] = float(np.abs(np.asarray(out["2x2x2"]["params"]) - np.concatenate(
+        [np.asarray(x).ravel() for x in jax.tree.leaves(params)])).max())
+    return out
+
+
+def test_sharded_grpo_step_equals_one_device_step():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--sharded-check"], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["devices"] == 8 and r["2x2x2"]["q_spec"] == "P(None, 'fsdp', 'tensor', None)"
+    one, eight = r["1x1x1"], r["2x2x2"]
+    for key, value in one["metrics"].items():
+        np.testing.assert_allclose(eight["metrics"][key], value, rtol=2e-5, atol=1e-6, err_msg=key)
+    assert 0 < one["metrics"]["clip/region"] < 1 and one["metrics"]["kl"] > 0
+    diff = np.abs(np.asarray(one["params"]) - np.asarray(eight["params"])).max()
+    assert r["moved"] > 1e-3 and diff < 0.01 * r["moved"], (diff, r["moved"])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--sharded-check"]:
+    print(json.dumps(_sharded_check()))
