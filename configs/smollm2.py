@@ -116,7 +116,9 @@ def _irpo_base(opts, path, local, task="gsm8k"):
         c.seq_len = 512
         c.irpo.update(samples_per_prompt=4, pairs_per_prompt=2, max_new_tokens=192, iterations=1, chunk_prompts=24)
         # A few steps at a learning rate large enough to move a 135M model (the paper's 7e-7 would not, in 4 steps).
-        c.train.update(num_steps=4, batch_size=4, checkpoint_every=2, log_every=1)
+        # remat and 2 micro-batches: without them a step of 4 pairs x 512 tokens held 12.6 GB of activations on
+        # CPU and was OOM-killed on a 23 GB machine shared with other jobs.
+        c.train.update(num_steps=4, batch_size=4, grad_accum=2, remat=True, checkpoint_every=2, log_every=1)
         c.train.optim.update(lr=1e-5, warmup_steps=1)
         c.eval.update(max_new_tokens=192, maj_k=2, chunk_prompts=24)
         c.mesh.update(data=-1, fsdp=1)

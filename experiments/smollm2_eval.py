@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct's zero-shot greedy accuracy (the model as rpo.models.smollm2 prepares it).
 
-  nice -n 10 .venv/bin/python experiments/smollm2_eval.py --task gsm8k --n 500 --data ../shared/data/gsm8k
+  nice -n 10 .venv/bin/python experiments/smollm2_eval.py --task gsm8k --n 500 --data ../shared/data/gsm8k --chunk 32
   nice -n 10 .venv/bin/python experiments/smollm2_eval.py --task arith --n 500
   (arith: configs/arith_tiny.py's task block, test split, scored flexibly; see configs/smollm2.py)
 
@@ -32,7 +32,8 @@ def main():
     ap.add_argument("--n", type=int, default=500, help="the first N test problems")
     ap.add_argument("--data", default="", help="gsm8k: the directory of the official test.jsonl")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="default 512 (gsm8k), 256 (arith)")
-    ap.add_argument("--chunk", type=int, default=64, help="prompts per sampling call (and per resumable file)")
+    ap.add_argument("--chunk", type=int, default=32,
+                    help="prompts per sampling call and per resumable file (128 GSM8K prompts x 512 tokens held 6 GB)")
     ap.add_argument("--model", default="", help="an HF directory (default: SmolLM2 prepared from its wheel)")
     ap.add_argument("--workdir", default="")
     args = ap.parse_args()
