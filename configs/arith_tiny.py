@@ -1,24 +1,47 @@
-"""The embedded default: Iterative RPO on the synthetic arithmetic task, on a laptop CPU.
+"""The embedded default: Iterative RPO on the synthetic arithmetic task, on a laptop CPU, in the paper's regime.
 
-A small Llama-architecture model is trained from scratch: an SFT warm start on the gold
-solutions gives M_0, then 3 IRPO iterations (sample, reward, pairs, DPO + NLL, evaluate).
+M_0 (experiments/models/arith_m0/, made by experiments/arith_m0.py) is a small Llama pre-trained on arithmetic
+chains of 1-3 steps in its own solution style, never on the task's training problems; it solves the task's
+3-step problems zero-shot at a middling rate. The task has a fixed training set (task.num_train problems, the
+last select.heldout of them held out for checkpoint selection) whose gold solutions are written in another
+(human) style. Iterative RPO runs 3 iterations of: sample N solutions per training problem, reward the correct
+final answers, build pairs, train with DPO + NLL from M_{t-1}, keep the export that does best on the held-out
+problems, evaluate on task.num_test problems (greedy and maj@k).
 
   python -m rpo.main --config=configs/arith_tiny.py                     # IRPO (the default job)
-  python -m rpo.main --config=configs/arith_tiny.py:baseline=sft_gold   # SFT on gold, same steps
-  python -m rpo.main --config=configs/arith_tiny.py:baseline=star       # STaR
+  python -m rpo.main --config=configs/arith_tiny.py:baseline=sft_gold   # SFT on the gold solutions
+  python -m rpo.main --config=configs/arith_tiny.py:baseline=star       # STaR: SFT on its own correct samples
   python -m rpo.main --config=configs/arith_tiny.py:baseline=dpo        # DPO without NLL
   python -m rpo.main --config=configs/arith_tiny.py:baseline=zero_shot  # M_0 only
+  python -m rpo.main --config=configs/arith_tiny.py --config.seed=1     # another seed (sampling, data order)
 
-Variants (comma-separated): baseline=<name>, quick (a seconds-long run for tests),
-workdir=<dir>. The workdir defaults to runs/arith_tiny[-<baseline>]; rerunning the same
-command resumes it. Results: <workdir>/results.json and accuracy.png.
+Variants (comma-separated): baseline=<name>, quick (a seconds-long run for tests: a tinier model warm-started
+from random weights), workdir=<dir>. The workdir defaults to runs/arith_tiny[-<baseline>]; rerunning the same
+command resumes it. Results: <workdir>/results.json and accuracy.png. The table of every method over seeds is
+experiments/arith_tiny.py's; the sweep that chose these settings is get_sweep below.
 """
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+M0 = os.path.join(ROOT, "experiments", "models", "arith_m0")
 BASELINES = ("irpo", "sft_gold", "star", "dpo", "zero_shot")
+
+
+def _phase(kind: str, steps: int, lr: float, warmup: int, batch: int, *, beta=0.1, alpha=1.0) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        loss=ml_collections.ConfigDict(dict(kind=kind, beta=beta, alpha=alpha, label_smoothing=0.0, chunk_size=64)),
+        optim=ml_collections.ConfigDict(dict(
+            lr=lr, schedule="cosine", warmup_steps=warmup, end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.99,
+            eps=1e-8, clip_norm=1.0,
+        )),
+        batch_size=batch, grad_accum=1, num_steps=steps, remat=False, log_every=10, checkpoint_every=25,
+        keep_checkpoints=1, export_every=0,
+    ))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,11 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "irpo"
     c.workdir = opts.get("workdir", "runs/arith_tiny" + ("" if baseline == "irpo" else f"-{baseline}"))
-    c.seed = 0
+    c.seed = 0  # sampling and data order (M_0 is fixed)
 
     c.task = ml_collections.ConfigDict(dict(
-        name="arith", seed=0, num_train=20000, num_test=200, min_steps=2, max_steps=3, max_value=20, ops="+-",
-        strict=True,
+        name="arith", seed=0, num_train=5000, num_test=2000, min_steps=3, max_steps=3, max_value=99, ops="+-*",
+        style="prose", strict=True,
     ))
     c.data = ml_collections.ConfigDict(dict(
         chat_template=False, add_bos=False, pad_id=0,
@@ -42,42 +65,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer = ""  # an HF directory; '' = model.path's, or the task's own (arith: characters)
 
     c.model = ml_collections.ConfigDict()
-    c.model.path = ""  # an HF directory for M_0 (or the warm start's init); '' = random init
+    c.model.path = M0  # M_0 (an HF directory); '' = random init, then the init phase (quick)
     c.model.dtype = "float32"
     c.model.seed = 0
-    c.model.random = ml_collections.ConfigDict(dict(
+    c.model.random = ml_collections.ConfigDict(dict(  # M_0's shape (experiments/arith_m0.py), and quick's
         model_type="llama", vocab_size=104, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
         num_kv_heads=4, head_dim=32, max_position_embeddings=256, eos_token_ids=(1,), pad_token_id=0,
     ))
-    c.seq_len = 144  # training rows (prompt + response); also the model context used for checks
+    c.seq_len = 96  # training rows (prompt + response): the longest gold (prose) row is 80 tokens
 
-    def optim(lr, warmup, schedule="cosine"):
-        return ml_collections.ConfigDict(dict(
-            lr=lr, schedule=schedule, warmup_steps=warmup, end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.99,
-            eps=1e-8, clip_norm=1.0,
-        ))
+    # How M_0 was made (read by experiments/arith_m0.py only): SFT of model.random on a corpus of problems
+    # of 1-3 steps in the model's own 'equations' style, none of them in the task's splits.
+    c.pretrain = ml_collections.ConfigDict(dict(
+        num_problems=300000, min_steps=1, max_steps=3, seq_len=72, keep_step=1250,
+        phase=_phase("sft", 4000, 3e-3, 100, 64),
+    ))
+    c.pretrain.phase.update(log_every=100, checkpoint_every=250, export_every=250, keep_checkpoints=2)
+    c.pretrain.phase.optim.end_lr_fraction = 0.05
 
-    def phase(kind, steps, lr, warmup, batch):
-        return ml_collections.ConfigDict(dict(
-            loss=ml_collections.ConfigDict(dict(kind=kind, beta=0.1, alpha=1.0, label_smoothing=0.0, chunk_size=64)),
-            optim=optim(lr, warmup), batch_size=batch, grad_accum=1, num_steps=steps, remat=False, seed=0,
-            log_every=50, checkpoint_every=50, keep_checkpoints=1,
-        ))
-
-    # M_0: SFT on the gold solutions from the random init.
-    c.init = phase("sft", 400, 3e-3, 20, 32)  # init.num_steps 0: M_0 is model.path itself
+    c.init = _phase("sft", 0, 1e-3, 10, 32)  # a warm start from model.path (0 steps: M_0 is model.path)
 
     c.irpo = ml_collections.ConfigDict(dict(
-        method="irpo", iterations=3, prompts_per_iteration=512, samples_per_prompt=8, temperatures=(0.8, 0.8, 1.0),
-        top_p=1.0, top_k=0, max_new_tokens=48, pairs_per_prompt=4,
+        method="irpo", iterations=3, prompts_per_iteration=1000, samples_per_prompt=8, temperatures=(0.8, 0.8, 1.0),
+        top_p=1.0, top_k=0, max_new_tokens=64, pairs_per_prompt=2,
         distinct_pairs=False,  # True: never repeat a pair (the paper's walk repeats when a set runs out)
-        add_gold=True, max_pairs=0,  # 0: no cap
-        chunk_prompts=256,
+        add_gold=False,  # True: the gold solution joins each prompt's winners (the paper, on GSM8K; see get_sweep)
+        max_pairs=0,  # 0: no cap
+        chunk_prompts=512,
     ))
-    c.train = phase("dpo_nll", 100, 5e-4, 10, 16)
+    c.train = _phase("dpo_nll", 100, 1e-4, 10, 16)
+    # Per iteration, the export (every `every` steps) that answers most of the `heldout` last training
+    # problems right is M_t; every method is selected the same way.
+    c.select = ml_collections.ConfigDict(dict(every=25, heldout=1000))
 
     c.eval = ml_collections.ConfigDict(dict(
-        max_new_tokens=48, maj_k=8, temperature=0.8, top_p=1.0, top_k=0, chunk_prompts=256,
+        max_new_tokens=64, maj_k=8, temperature=0.8, top_p=1.0, top_k=0, chunk_prompts=512,
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -86,37 +108,50 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("kv_heads", "tensor"), ("mlp", "tensor"), ("head_dim", None), ("layers", None),
     )
 
-    if baseline == "sft_gold" or baseline == "star":
+    if baseline in ("sft_gold", "star"):
         c.irpo.method = baseline
         c.train.loss.kind = "sft"
+        c.train.optim.lr = 1e-3
     elif baseline == "dpo":
         c.train.loss.alpha = 0.0
     elif baseline == "zero_shot":
         c.irpo.iterations = 0
 
-    if "quick" in opts:  # seconds, for tests: one-step sums, a tinier model, few rows and steps
-        c.task.update(num_train=32, num_test=16, min_steps=1, max_steps=1, max_value=9)
-        c.irpo.prompts_per_iteration = 0
+    if "quick" in opts:  # seconds, for tests: one-step problems, a tinier model warm-started here, few rows/steps
+        c.task.update(num_train=40, num_test=16, min_steps=1, max_steps=1, max_value=9)
+        c.model.path = ""
         c.model.random.update(hidden_size=32, intermediate_size=64, num_layers=2, head_dim=8)
         c.init.update(num_steps=60, batch_size=8, log_every=10, checkpoint_every=10)
         c.init.optim.update(lr=1e-2, warmup_steps=5)
         c.train.update(num_steps=4, batch_size=4, log_every=2, checkpoint_every=2)
         c.train.optim.warmup_steps = 2
+        c.select.update(every=2, heldout=8)
         c.irpo.update(iterations=min(c.irpo.iterations, 2), samples_per_prompt=4, chunk_prompts=16,
                       temperatures=(0.7, 0.7), max_new_tokens=32)
-        c.eval.update(max_new_tokens=32, maj_k=4)
+        c.eval.update(max_new_tokens=32, maj_k=4, chunk_prompts=16)
     return c
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-    """IRPO's loss settings (beta, alpha) x the iteration learning rate: 8 points, each a full run.
+    """The sweeps that chose this config's settings (experiments/results/arith_tiny_sweep.md). Each point is a
+    one-iteration run from M_0 on 500 test problems: what a setting does to M_1.
 
-      ./launch.sh sweep configs/arith_tiny.py          # runs/arith_tiny_sweep/<point>/, then a summary table
-      ./launch.sh sweep configs/arith_tiny.py:quick    # 2 short points (beta only), on the quick variant
+      ./launch.sh sweep configs/arith_tiny.py:sweep=lr      # each method's learning rate
+      ./launch.sh sweep configs/arith_tiny.py:sweep=irpo    # IRPO's beta, alpha, pairs per prompt, temperature
+      ./launch.sh sweep configs/arith_tiny.py:quick         # 2 short points (beta only), on the quick variant
     """
     from rpo.sweep import product
 
     opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
     if "quick" in opts:
         return product({"train.loss.beta": (0.1, 0.5)})
-    return product({"train.loss.beta": (0.1, 0.5), "train.loss.alpha": (1.0, 4.0), "train.optim.lr": (5e-4, 5e-5)})
+    probe = {"irpo.iterations": 1, "task.num_test": 500}
+    sft = {"train.loss.kind": "sft"}
+    if opts.get("sweep") == "lr":
+        return ([{**probe, "train.optim.lr": lr} for lr in (3e-5, 1e-4, 3e-4)]
+                + [{**probe, **sft, "irpo.method": m, "train.optim.lr": lr} for m in ("star", "sft_gold")
+                   for lr in (1e-4, 3e-4, 1e-3)])
+    if opts.get("sweep") == "irpo":
+        return [{**probe, **point} for point in product({"train.loss.beta": (0.1, 0.5), "train.loss.alpha": (1.0, 4.0)})
+                + product({"irpo.pairs_per_prompt": (4,), "irpo.temperatures": ((0.7, 0.8, 1.0), (1.0, 0.8, 1.0))})]
+    raise ValueError(f"configs/arith_tiny.py get_sweep: use sweep=lr | sweep=irpo | quick, got {arg!r}")

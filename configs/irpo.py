@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     def phase(kind, steps, lr):
         return ml_collections.ConfigDict(dict(
             loss=ml_collections.ConfigDict(dict(kind=kind, beta=0.1, alpha=1.0, label_smoothing=0.0, chunk_size=256)),
-            optim=optim(lr), batch_size=16, grad_accum=4, num_steps=steps, remat=True, seed=0, log_every=10,
+            optim=optim(lr), batch_size=16, grad_accum=4, num_steps=steps, remat=True, log_every=10,
             checkpoint_every=250, keep_checkpoints=2,
         ))
 
@@ -67,6 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pairs_per_prompt=p["k"], distinct_pairs=False, add_gold=task == "gsm8k", max_pairs=0, chunk_prompts=64,
     ))
     c.train = phase("dpo_nll", p["steps"], 7e-7)
+    # The paper keeps, per iteration, the checkpoint that does best on 1k held-out training problems.
+    c.select = ml_collections.ConfigDict(dict(every=500, heldout=1000))
     c.eval = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], maj_k=32 if task == "gsm8k" else 16,
                                             temperature=0.8, top_p=1.0, top_k=0, chunk_prompts=64))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -91,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.seq_len = 768
         c.irpo.update(samples_per_prompt=4, pairs_per_prompt=2, max_new_tokens=128, iterations=1)
         c.train.update(num_steps=4, batch_size=4, grad_accum=1, checkpoint_every=2)
+        c.select.update(every=2, heldout=4)
         c.train.optim.warmup_steps = 1
         c.eval.update(max_new_tokens=128, maj_k=2)
         c.mesh.fsdp = 1

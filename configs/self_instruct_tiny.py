@@ -36,11 +36,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = arith_tiny.get_config("quick" if "quick" in opts else None)
     c.mode = "self_instruct"
     c.workdir = opts.get("workdir", "runs/self_instruct_tiny")
+    c.model.path = ""  # a model of its own, warm-started from random weights (below)
     c.model.random.max_position_embeddings = 512
-    # Easier problems than arith_tiny's (values <= 10, 1-2 steps): the model that writes problems must also
-    # solve them well enough for Answer-Consistency to mean something.
+    # Easier problems than arith_tiny's (values <= 10, 1-2 steps, sums and differences), with gold solutions in
+    # the model's own style: the model that writes problems must also solve them well enough for
+    # Answer-Consistency to mean something.
+    c.task.update(style="equations", ops="+-")
     if "quick" not in opts:  # quick keeps arith_tiny:quick's one-step sums
-        c.task.update(max_value=10, min_steps=1, max_steps=2)
+        c.task.update(max_value=10, min_steps=1, max_steps=2, num_train=20000, num_test=200)
+    c.select.update(every=0, heldout=0)  # each iteration keeps its last step
     c.seq_len = 384  # the longest warm-start row (two seeds + a demonstration) is 366 characters
     method = opts.get("method", "cot")
     c.synth = ml_collections.ConfigDict(dict(
@@ -60,6 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     # M_0: gold solutions (20k rows) plus num_demos synthesis demonstrations.
     c.init.update(num_steps=600, batch_size=16)
+    if "quick" not in opts:  # (quick keeps arith_tiny:quick's)
+        c.init.optim.update(lr=3e-3, warmup_steps=20)
     c.init.num_demos = 4000
     c.irpo.update(iterations=2, prompts_per_iteration=0)
 

@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 10
     c.eval_batches = 0  # 0: the whole eval file
     c.checkpoint_every = 10
+    c.export_every = 0  # > 0: an HF directory every that many steps under <workdir>/exports/
     c.keep_checkpoints = 2
 
     if "make_data" in opts:

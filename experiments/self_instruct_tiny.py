@@ -3,9 +3,9 @@
   python experiments/self_instruct_tiny.py [--workdir runs/self_instruct_tiny_exp]
 
 Runs `python -m rpo.main --config=configs/self_instruct_tiny.py:irpo` (resumable: rerunning the
-script resumes the run), then checks every parsed problem against the truth: the arith task's
-problems are sums and differences written with fixed verbs, so a problem's true answer can be read
-off its text (names and item words may be garbled; the numbers and verbs decide). The table says, for
+script resumes the run), then checks every parsed problem against the truth: an arith problem is a
+chain of operations ('23 +15 -9'), so a problem's true answer can be read off its text
+(rpo.data.synthetic.question_steps). The table says, for
 the problems Answer-Consistency kept and for those it rejected, how often the model's own generated
 answer is the true one: the filter is worth something when the kept share is higher. Writes
 experiments/results/self_instruct_tiny.md.
@@ -17,29 +17,23 @@ import argparse
 import collections
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = {"finds": 1, "buys": 1, "gets": 1, "gives": -1, "loses": -1, "sells": -1}
+sys.path.insert(0, ROOT)
 
 
 def true_answer(question: str) -> int | None:
-    """The answer a problem's text implies ('X has N ... . Y gets M. ... How many ...?'), or None when the
-    text does not read as such a problem."""
-    sentences = [s.strip() for s in question.split(".") if s.strip()]
-    first = re.fullmatch(r"\w+ has (\d+) ?\w*", sentences[0]) if sentences else None
-    if not first or not sentences[-1].startswith("How many") or len(sentences) < 3:
+    """The answer a problem's text implies ('23 +15 -9': the chain applied left to right), or None when the text
+    does not read as a problem of the task."""
+    from rpo.data.synthetic import question_steps
+
+    try:
+        return question_steps(question)[-1][3]
+    except (ValueError, IndexError):
         return None
-    value = int(first.group(1))
-    for s in sentences[1:-1]:
-        m = re.fullmatch(r"\w+ (\w+) (\d+)", s)
-        if not m or m.group(1) not in OPS:
-            return None
-        value += OPS[m.group(1)] * int(m.group(2))
-    return value if value >= 0 else None
 
 
 def _jsonl(path):

@@ -91,6 +91,12 @@ def check_config(cfg) -> None:
         bad("init.num_steps", f"must be an int >= 0, got {cfg.init.num_steps!r}")
     if not cfg.model.path and not cfg.init.num_steps:
         bad("init.num_steps", "0 (no warm start) needs model.path: M_0 would be a random model")
+    if not isinstance(cfg.select.every, int) or cfg.select.every < 0:
+        bad("select.every", f"must be an int >= 0 (0: keep the last step), got {cfg.select.every!r}")
+    if not isinstance(cfg.select.heldout, int) or cfg.select.heldout < 0:
+        bad("select.heldout", f"must be an int >= 0, got {cfg.select.heldout!r}")
+    if cfg.select.every and not cfg.select.heldout:
+        bad("select.heldout", "0, but select.every > 0 selects checkpoints on held-out training problems")
     if cfg.eval.maj_k < 2:
         bad("eval.maj_k", f"must be >= 2 (a majority of one sample is the sample), got {cfg.eval.maj_k}")
 
@@ -177,14 +183,19 @@ def encode(tokenizer, text: str, bos: bool) -> list[int]:
 
 
 def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, list[dict]]:
-    """data/{train,test}.jsonl: one row per example. A prompt that leaves no room for the
-    answer in the model's context is an error, or (data.long_prompts='skip') skipped and counted."""
+    """data/{train,heldout,test}.jsonl: one row per example. The last select.heldout rows of the task's
+    train split are held out (never trained on; checkpoint selection scores them). A prompt that leaves
+    no room for the answer in the model's context is an error, or (data.long_prompts='skip') skipped
+    and counted."""
     out = {}
     os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+    held = os.path.join(workdir, "data", "heldout.jsonl")
     for split in ("train", "test"):
         path = os.path.join(workdir, "data", f"{split}.jsonl")
         if os.path.exists(path):
             out[split] = files.read_jsonl(path)
+            if split == "train":
+                out["heldout"] = files.read_jsonl(held)
             continue
         train_file = cfg.task.get("train_file", "")
         examples = load_prompts_file(train_file) if split == "train" and train_file else task.load(split)
@@ -225,10 +236,17 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
         bad_rows = list(getattr(task, "skipped_rows", {}).get(split, []))
         if bad_rows:
             _log(f"{split}: {len(bad_rows)} malformed dataset rows skipped (first: {bad_rows[0]})")
+        if split == "train":
+            h = cfg.select.heldout
+            if h and h >= len(rows):
+                raise ValueError(f"config field select.heldout={h}: the train split has only {len(rows)} usable rows")
+            rows, out["heldout"] = (rows[:-h], rows[-h:]) if h else (rows, [])
+            files.write_jsonl(held, out["heldout"])  # before train.jsonl, whose presence marks the split done
         if not rows:
             raise ValueError(f"task {task.name}: the {split} split has no usable rows")
         files.write_json(os.path.join(workdir, "data", f"{split}_stats.json"),
-                         {"rows": len(rows), "skipped_long_prompts": len(skipped), "skipped_uids": skipped[:100],
+                         {"rows": len(rows), "heldout_rows": len(out.get("heldout", [])) if split == "train" else 0,
+                          "skipped_long_prompts": len(skipped), "skipped_uids": skipped[:100],
                           "gold_too_long_for_seq_len": long_targets, "gold_longer_than_max_new_tokens": unreachable,
                           "skipped_bad_rows": len(bad_rows), "bad_rows": bad_rows[:100]})
         files.write_jsonl(path, rows)
@@ -300,9 +318,15 @@ class Models:
 
 
 def task_fields(task, texts: list[str], rows: list[dict]) -> list[dict]:
-    """The default scoring of sample_and_score: each completion's answer and reward under the task."""
-    answers, correct = task.score(texts, _examples(rows))
-    return [{"answer": a, "correct": bool(c)} for a, c in zip(answers, correct)]
+    """The default scoring of sample_and_score: each completion's answer and reward under the task, and
+    whether every step of it is right where the task can check steps (the synthetic task)."""
+    examples = _examples(rows)
+    answers, correct = task.score(texts, examples)
+    fields = [{"answer": a, "correct": bool(c)} for a, c in zip(answers, correct)]
+    if hasattr(task, "steps_correct"):
+        for f, ok in zip(fields, task.steps_correct(texts, examples)):
+            f["steps_correct"] = bool(ok)
+    return fields
 
 
 def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out_dir: str, *, n: int,
@@ -364,6 +388,8 @@ def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str
     greedy = sample_and_score(models, model_path, task, tokenizer, rows, os.path.join(it_dir, "eval_greedy"), n=1,
                               temperature=0.0, desc=f"{os.path.basename(it_dir)} eval greedy", **common)
     metrics = {"greedy_accuracy": float(np.mean([s["correct"] for s in greedy]))}
+    if "steps_correct" in greedy[0]:
+        metrics["greedy_steps_correct"] = float(np.mean([s["steps_correct"] for s in greedy]))
     k = e.maj_k
     samples = sample_and_score(models, model_path, task, tokenizer, rows, os.path.join(it_dir, "eval_samples"),
                                n=k, temperature=e.temperature, desc=f"{os.path.basename(it_dir)} eval maj@{k}",
@@ -386,10 +412,12 @@ def evaluate(models: Models, model_path: str, task, tokenizer, rows, it_dir: str
 # ---------------------------------------------------------------------------------------
 
 
-def _phase_config(cfg, block, *, model_path: str, train_path: str, kind: str):
+def _phase_config(cfg, block, *, model_path: str, train_path: str, kind: str, export_every: int = 0):
     """The rpo.train config of one training phase: the block's optimisation fields plus the
-    run's model, mesh and data layout."""
+    run's model, mesh, data layout and seed (the data order)."""
     p = ml_collections.ConfigDict(block.to_dict())
+    p.seed = cfg.seed
+    p.export_every = export_every
     p.model = ml_collections.ConfigDict(cfg.model.to_dict())
     p.model.path = model_path
     p.data = ml_collections.ConfigDict(dict(
@@ -404,15 +432,17 @@ def _phase_config(cfg, block, *, model_path: str, train_path: str, kind: str):
 
 
 def train_phase(cfg, block, models: Models, *, model_path: str, train_path: str, kind: str, out_dir: str, tokenizer,
-                desc: str) -> str:
-    """Runs (or resumes) one rpo.train phase into out_dir; returns the HF directory of the result."""
+                desc: str, export_every: int = 0) -> str:
+    """Runs (or resumes) one rpo.train phase into out_dir; returns the HF directory of the result
+    (and every export_every steps an HF directory under out_dir/exports/, each with the tokenizer)."""
     from rpo import distributed, report, train
 
     final = os.path.join(out_dir, "final")
     if os.path.exists(os.path.join(out_dir, DONE)):
         return final
     models.release()  # rpo.train loads its own copy into the training shardings
-    pcfg = _phase_config(cfg, block, model_path=model_path, train_path=train_path, kind=kind)
+    pcfg = _phase_config(cfg, block, model_path=model_path, train_path=train_path, kind=kind,
+                         export_every=export_every)
     bar = report.progress(desc=desc, total=pcfg.num_steps, unit="steps")
 
     def on_step(step, metrics):
@@ -421,10 +451,52 @@ def train_phase(cfg, block, models: Models, *, model_path: str, train_path: str,
 
     train.run(pcfg, out_dir, on_step=on_step, echo=False)
     bar.close()
-    if distributed.is_main():
-        tokenizer.save_pretrained(final)  # final/ is complete only once DONE is written (a collective write)
+    if distributed.is_main():  # the models are complete only once DONE is written (a collective write)
+        for path in [final] + [e for _, e in exports(out_dir)]:
+            tokenizer.save_pretrained(path)
     files.write_json(os.path.join(out_dir, DONE), {"steps": pcfg.num_steps, "kind": kind, "train_path": train_path})
     return final
+
+
+def exports(train_dir: str) -> list[tuple[int, str]]:
+    """(step, HF directory) of the exports of a training phase (rpo.train's export_every), by step."""
+    d = os.path.join(train_dir, "exports")
+    names = sorted(n for n in os.listdir(d) if n.startswith("step-") and "." not in n) if os.path.isdir(d) else []
+    return [(int(n[len("step-"):]), os.path.join(d, n)) for n in names]
+
+
+def select_checkpoint(models: Models, task, tokenizer, heldout: list[dict], train_dir: str, it_dir: str, cfg
+                      ) -> tuple[str, dict]:
+    """The model of a training phase that answers most held-out training problems right (greedy), among
+    its exports and its final step; the earliest wins a tie. Returns (HF directory, it_dir/select.json:
+    every candidate's held-out accuracy and the chosen step). select.every = 0 keeps the final step."""
+    path = os.path.join(it_dir, "select.json")
+    if os.path.exists(path):
+        choice = json.load(open(path))
+        return choice["path"], choice
+    final = os.path.join(train_dir, "final")
+    steps = json.load(open(os.path.join(train_dir, DONE)))["steps"]
+    candidates = dict(exports(train_dir))
+    candidates.setdefault(steps, final)
+    scores = {}
+    if cfg.select.every:
+        e = cfg.eval
+        for step, model_path in sorted(candidates.items()):
+            greedy = sample_and_score(
+                models, model_path, task, tokenizer, heldout, os.path.join(it_dir, "select", f"step-{step:06d}"), n=1,
+                temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=e.max_new_tokens, chunk=e.chunk_prompts, seed=0,
+                desc=f"{os.path.basename(it_dir)} select step {step}")
+            scores[step] = float(np.mean([g["correct"] for g in greedy]))
+        chosen = max(scores, key=lambda k: (scores[k], -k))
+    else:
+        chosen = steps
+    choice = {"chosen_step": chosen, "path": candidates[chosen], "heldout_prompts": len(heldout),
+              "heldout_accuracy": {str(k): v for k, v in scores.items()}}
+    files.write_json(path, choice)
+    if scores:
+        _log(f"{os.path.basename(it_dir)}: step {chosen} selected (held-out greedy " +
+             ", ".join(f"{k}: {v:.3f}" for k, v in sorted(scores.items())) + ")")
+    return candidates[chosen], choice
 
 
 def add_reference(models: Models, model_path: str, pair_rows: list[dict], out_path: str, cfg, desc: str) -> list[dict]:
@@ -487,6 +559,9 @@ def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer
         s["winner"] = s["correct"] and s["finish_reason"] != "length"
     stats = {"train_sample_accuracy": float(np.mean([s["correct"] for s in samples])),
              "correct_but_cut_off": sum(s["correct"] and not s["winner"] for s in samples)}
+    winners = [s for s in samples if s["winner"]]
+    if winners and "steps_correct" in winners[0]:  # the share of winners whose every step is right
+        stats["winner_precision"] = float(np.mean([s["steps_correct"] for s in winners]))
     if i.method == "star":
         path = os.path.join(it_dir, "sft.jsonl")
         if not os.path.exists(path):
@@ -582,12 +657,15 @@ def run(cfg, workdir: str) -> list[dict]:
             it_dir = os.path.join(workdir, f"iter{t}")
             os.makedirs(it_dir, exist_ok=True)
             path, kind, stats = _iteration_data(cfg, t, it_dir, model_path, models, task, tokenizer, data["train"])
-            model_path = train_phase(cfg, cfg.train, models, model_path=model_path, train_path=path, kind=kind,
-                                     out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
-                                     desc=f"iter{t} train ({cfg.irpo.method})")
-            step += cfg.train.num_steps
+            train_dir = os.path.join(it_dir, "train")
+            train_phase(cfg, cfg.train, models, model_path=model_path, train_path=path, kind=kind, out_dir=train_dir,
+                        tokenizer=tokenizer, desc=f"iter{t} train ({cfg.irpo.method})", export_every=cfg.select.every)
+            model_path, choice = select_checkpoint(models, task, tokenizer, data["heldout"], train_dir, it_dir, cfg)
+            step += choice["chosen_step"]
             metrics, fresh = evaluate(models, model_path, task, tokenizer, data["test"], it_dir, cfg)
-            results.append({"iteration": t, **metrics, **stats, "train_steps": step})
+            held = choice["heldout_accuracy"].get(str(choice["chosen_step"]))
+            results.append({"iteration": t, **metrics, **stats, "train_steps": step, "selected_step":
+                            choice["chosen_step"], **({"heldout_accuracy": held} if held is not None else {})})
             _record(log if fresh else None, results, results_path, workdir)
     finally:
         log.close()

@@ -40,10 +40,12 @@ Config fields read here (see configs/train_tiny.py for every default):
   optim.lr, optim.schedule ('constant' | 'linear' | 'cosine'), optim.warmup_steps,
   optim.end_lr_fraction, optim.weight_decay, optim.b1, optim.b2, optim.eps, optim.clip_norm
   batch_size (pairs per step), grad_accum, num_steps, remat, seed, mesh.{data,fsdp,tensor},
-  sharding_rules, eval_every, eval_batches, log_every, checkpoint_every, keep_checkpoints
+  sharding_rules, eval_every, eval_batches, log_every, checkpoint_every, keep_checkpoints,
+  export_every (0: none; else the model every that many steps as an HF directory, export_path())
 Outputs under workdir: metrics.jsonl (one JSON object per logged step: split train/eval) and
 the same scalars as TensorBoard event files,
 checkpoints/ (orbax, resumed from the latest on restart), final/ (HF safetensors model),
+exports/step-<k>/ (HF directories every export_every steps: the candidates of checkpoint selection),
 and {train,eval}_pairs_with_ref.jsonl when reference log-probs had to be computed.
 On several processes every process runs `run` (it is SPMD: same steps, same collectives); orbax
 saves and restores checkpoints from every process, while metrics, event files, the reference
@@ -418,6 +420,8 @@ def _check_config(cfg) -> None:
             value = value[part]
         if not isinstance(value, int) or value < 1:
             bad(field, f"must be a positive int, got {value!r}")
+    if not isinstance(cfg.export_every, int) or cfg.export_every < 0:
+        bad("export_every", f"must be an int >= 0 (0: no exports), got {cfg.export_every!r}")
     if cfg.loss.kind != "sft" and not cfg.loss.beta > 0:
         bad("loss.beta", f"must be > 0, got {cfg.loss.beta!r}")
     if cfg.batch_size % cfg.grad_accum:
@@ -432,6 +436,31 @@ def _show(step: int, split: str, metrics: dict) -> None:
         return
     short = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k in _SHOWN)
     print(f"[rpo.train] {split} step {step}: {short}", file=sys.stderr, flush=True)
+
+
+def export(model_config: ModelConfig, params: Params, path: str) -> None:
+    """params as an HF directory at `path`, replacing any there atomically (a directory renamed into
+    place). Every process takes part (the gather, rpo.files' barriers); process 0 writes and renames."""
+    from rpo.models.hf import save_pretrained
+
+    host_params = distributed.fetch(params)
+    tmp, old = f"{path}.tmp", f"{path}.old"
+    if distributed.is_main():  # left by a run killed while saving
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.sync(f"rpo.train: {tmp} cleared")
+    save_pretrained(model_config, host_params, tmp)
+    if distributed.is_main():
+        if os.path.isdir(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.sync(f"rpo.train: {path} written")
+
+
+def export_path(workdir: str, step: int) -> str:
+    """Where `run` exports the model of step `step` (config field export_every)."""
+    return os.path.join(workdir, "exports", f"step-{step:06d}")
 
 
 def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None, echo: bool = True) -> Params:
@@ -521,6 +550,8 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
                     _show(done, "train", metrics)
             if eval_fn is not None and (done % cfg.eval_every == 0 or done == cfg.num_steps):
                 evaluate(done)
+            if cfg.export_every and done % cfg.export_every == 0 and not os.path.isdir(export_path(workdir, done)):
+                export(model_config, state["params"], export_path(workdir, done))
             if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
                 ckpt.save(mngr, done, state)
             if on_step is not None:
@@ -532,22 +563,7 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
 
     final = os.path.join(workdir, "final")
     if start < cfg.num_steps or not os.path.isdir(final):  # a resumed run that trained on rewrites it
-        from rpo.models.hf import save_pretrained
-
-        # Every process takes part (the gather, rpo.files' barriers); process 0 writes and renames.
-        host_params = distributed.fetch(state["params"])
-        tmp, old = f"{final}.tmp", f"{final}.old"
-        if distributed.is_main():  # left by a run killed while saving
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
-        distributed.sync(f"rpo.train: {tmp} cleared")
-        save_pretrained(model_config, host_params, tmp)
-        if distributed.is_main():
-            if os.path.isdir(final):
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        distributed.sync(f"rpo.train: {final} written")
+        export(model_config, state["params"], final)
     return state["params"]
 
 
@@ -562,7 +578,9 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
 #   tokens_BT, positions_BT, mask_BT, loss_mask_BT (True on completion tokens), old_logps_BT and ref_logps_BT
 #   (float32, the per-token values at their tokens' positions, 0 elsewhere), adv_B float32, row_mask_B bool.
 # The GRPO step takes them with a leading micro-batch axis ([M, B/M, ...]) and accumulates exactly: the normaliser
-# (rows, tokens or rows x max_new_tokens, losses.grpo_denominator) is counted over the whole batch first.
+# (rows, tokens or rows x max_new_tokens, losses.grpo_denominator) is counted over the whole batch first, or given:
+# rows that cannot move the loss (advantage 0 and no KL term) may be left out of the batch while still counting in
+# the normaliser (rpo.grpo does so), which gives the same gradient for less compute.
 
 ROLLOUT_FIELDS = ("tokens_BT", "positions_BT", "mask_BT", "loss_mask_BT", "old_logps_BT", "ref_logps_BT", "adv_B",
                   "row_mask_B")
@@ -642,14 +660,16 @@ def grpo_sums(params: Params, batch: Batch, denom, *, model_config: ModelConfig,
     return out
 
 
-def grpo_step(state: State, batch: Batch, *, model_config: ModelConfig, g, optimizer, remat: bool = False
-              ) -> tuple[State, dict]:
-    """One optimizer step on a rollout batch [M, B/M, ...] (M micro-batches accumulated exactly). Metrics: 'loss',
-    'grad_norm', 'tokens', 'rows', and the token means 'entropy', 'kl', 'ratio', 'clip/low', 'clip/high',
-    'clip/region' (at the parameters before the step)."""
-    mask = batch["loss_mask_BT"] & batch["row_mask_B"][..., None]
-    denom = losses.grpo_denominator(mask, batch["row_mask_B"], normalization=g.normalization,
-                                    max_new_tokens=g.max_new_tokens)
+def grpo_step(state: State, batch: Batch, denom=None, *, model_config: ModelConfig, g, optimizer,
+              remat: bool = False) -> tuple[State, dict]:
+    """One optimizer step on a rollout batch [M, B/M, ...] (M micro-batches accumulated exactly), the loss divided
+    by `denom` (a float32 scalar; None: losses.grpo_denominator of this batch). Metrics: 'loss', 'grad_norm',
+    'tokens', 'rows', and the token means 'entropy', 'kl', 'ratio', 'clip/low', 'clip/high', 'clip/region' (at
+    the parameters before the step, over the batch's rows)."""
+    if denom is None:
+        mask = batch["loss_mask_BT"] & batch["row_mask_B"][..., None]
+        denom = losses.grpo_denominator(mask, batch["row_mask_B"], normalization=g.normalization,
+                                        max_new_tokens=g.max_new_tokens)
 
     def micro_grads(params, mb):
         def f(p):
@@ -679,13 +699,14 @@ def grpo_step(state: State, batch: Batch, *, model_config: ModelConfig, g, optim
 
 def make_grpo_step(model_config: ModelConfig, g, optimizer, mesh, rules, example_batch: Batch, *, remat: bool = False
                    ) -> Callable:
-    """jax.jit of grpo_step with in/out shardings on `mesh` and the state donated."""
+    """jax.jit of (state, batch, denom) -> grpo_step(state, batch, denom) with in/out shardings on `mesh` and the
+    state donated; denom is a float32 scalar (losses.grpo_denominator of the rows it normalises over)."""
     s_shard = state_shardings(model_config, optimizer, mesh, rules)
     b_shard = batch_shardings(mesh, rules, example_batch, batch_dim=1)
-    fn = lambda state, batch: grpo_step(state, batch, model_config=model_config, g=g, optimizer=optimizer,  # noqa: E731
-                                        remat=remat)
-    return jax.jit(fn, in_shardings=(s_shard, b_shard), out_shardings=(s_shard, sharding.replicated(mesh)),
-                   donate_argnums=0)
+    rep = sharding.replicated(mesh)
+    fn = lambda state, batch, denom: grpo_step(state, batch, denom, model_config=model_config, g=g,  # noqa: E731
+                                               optimizer=optimizer, remat=remat)
+    return jax.jit(fn, in_shardings=(s_shard, b_shard, rep), out_shardings=(s_shard, rep), donate_argnums=0)
 
 
 def make_rollout_logps_fn(model_config: ModelConfig, g, mesh, rules, example_batch: Batch) -> Callable:

@@ -45,10 +45,11 @@ def test_run_writes_every_artifact_and_a_readable_result(finished):
         for key in ("greedy_accuracy", "maj_accuracy", "pass_at_4", "sample_accuracy"):
             assert 0.0 <= r[key] <= 1.0
         assert r["test_prompts"] == 16
-    for r in rows[1:]:
-        assert r["pairs"] > 0 and r["prompts_paired"] + r["prompts_all_correct"] + r["prompts_all_wrong"] \
-            + r["prompts_no_valid"] >= r["prompts_paired"]
-    assert [r["train_steps"] for r in rows] == [60, 64, 68]
+    for r in rows[1:]:  # every one of the 32 training prompts (40 less 8 held out) made pairs or was dropped
+        assert r["pairs"] > 0 and r["prompts_paired"] + r["prompts_dropped"] == 32
+    # train_steps counts the steps behind M_t: the warm start's 60, then each iteration's selected step.
+    assert [r["train_steps"] for r in rows] == [60, 60 + rows[1]["selected_step"],
+                                                60 + rows[1]["selected_step"] + rows[2]["selected_step"]]
     assert rows[2]["greedy_accuracy"] > 0 and rows[1]["train_sample_accuracy"] > 0  # the model learned something
     assert "| iteration | greedy_accuracy |" in stderr  # the table printed at the end
     # The plot is a real PNG.
@@ -80,6 +81,62 @@ def test_run_writes_every_artifact_and_a_readable_result(finished):
     assert all(p["chosen_ids"] == gold[p["uid"]] for p in pairs if p["pair_index"] == 0)
 
 
+def _jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_each_iteration_keeps_the_export_best_on_held_out_training_problems(finished):
+    """select.every=2 over 4 steps: the exports of steps 2 and 4 are scored (greedy) on the 8 held-out training
+    problems, which no stage trains on; M_t is the best of them (the earliest of a tie), and M_{t+1} starts from it."""
+    workdir, _ = finished
+    rows = json.loads((workdir / "results.json").read_text())
+    train = {r["uid"] for r in _jsonl(workdir / "data" / "train.jsonl")}
+    heldout = _jsonl(workdir / "data" / "heldout.jsonl")
+    assert len(heldout) == 8 and len(train) == 32 and not train & {r["uid"] for r in heldout}
+    for t in (1, 2):
+        it = workdir / f"iter{t}"
+        choice = json.loads((it / "select.json").read_text())
+        scored = {}
+        for step in (2, 4):
+            greedy = [g for p in sorted((it / "select" / f"step-{step:06d}").glob("part-*.jsonl")) for g in _jsonl(p)]
+            assert [g["uid"] for g in greedy] == [r["uid"] for r in heldout]
+            scored[str(step)] = float(np.mean([g["correct"] for g in greedy]))
+        assert choice["heldout_accuracy"] == pytest.approx(scored)
+        best = max(scored.values())
+        assert choice["chosen_step"] == min(int(k) for k, v in scored.items() if v == best)
+        assert choice["path"] == str(it / "train" / "exports" / f"step-{choice['chosen_step']:06d}")
+        assert rows[t]["selected_step"] == choice["chosen_step"] and rows[t]["heldout_accuracy"] == pytest.approx(best)
+        trained_on = {p["uid"] for p in _jsonl(it / "pairs.jsonl")}
+        assert trained_on and trained_on <= train
+    # Iteration 2 sampled from iteration 1's choice and took its reference log-probs from it.
+    import jax
+
+    import rpo.models as M
+
+    chosen = json.loads((workdir / "iter1" / "select.json").read_text())["path"]
+    config, params = M.load_pretrained(chosen, dtype="float32")
+    pair = _jsonl(workdir / "iter2" / "pairs.jsonl")[0]
+    ids = np.asarray([pair["prompt_ids"] + pair["chosen_ids"]], np.int32)
+    logp = jax.nn.log_softmax(M.forward(config, params, ids)[0, :-1])
+    n = len(pair["prompt_ids"])
+    ref = float(sum(logp[i - 1, ids[0, i]] for i in range(n, ids.shape[1])))
+    assert ref == pytest.approx(pair["ref_chosen_logp"], rel=1e-4, abs=1e-4)
+
+
+def test_winner_precision_is_the_share_of_winners_whose_every_step_is_right(finished):
+    workdir, _ = finished
+    rows = json.loads((workdir / "results.json").read_text())
+    for t in (1, 2):
+        samples = [s for p in sorted((workdir / f"iter{t}" / "samples").glob("part-*.jsonl")) for s in _jsonl(p)]
+        winners = [s for s in samples if s["correct"] and s["finish_reason"] != "length"]
+        from rpo.data.synthetic import check_steps
+
+        train = {r["uid"]: r for r in _jsonl(workdir / "data" / "train.jsonl")}
+        assert all(s["steps_correct"] == check_steps(s["text"], train[s["uid"]]["question"]) for s in samples)
+        if winners:
+            assert rows[t]["winner_precision"] == pytest.approx(np.mean([s["steps_correct"] for s in winners]))
+
+
 def test_every_iteration_exports_to_transformers(finished):
     """M_t is an HF directory with its tokenizer: transformers loads it and agrees with our logits."""
     import torch
@@ -99,7 +156,8 @@ def test_every_iteration_exports_to_transformers(finished):
     np.testing.assert_allclose(np.asarray(M.forward(config, params, np.asarray([ids], np.int32))), ref, atol=1e-4)
 
 
-STAGE_OUTPUTS = ("train.jsonl", "test.jsonl", "sft.jsonl", "pairs.jsonl", "eval.json", "done.json")
+STAGE_OUTPUTS = ("train.jsonl", "heldout.jsonl", "test.jsonl", "sft.jsonl", "pairs.jsonl", "eval.json", "done.json",
+                 "select.json")
 
 
 def _wait_for(proc, predicate, timeout=300):
@@ -119,6 +177,7 @@ def test_killed_at_any_stage_resumes_and_loses_nothing(finished, tmp_path):
     moments = [
         lambda: (workdir / "iter1" / "samples" / "part-00000.jsonl").exists(),
         lambda: (workdir / "iter1" / "train" / "checkpoints" / "2").exists(),
+        lambda: (workdir / "iter1" / "select" / "step-000002" / "part-00000.jsonl").exists(),
     ]
     kept = {}
     for moment in moments:

@@ -1,5 +1,6 @@
-"""The reproduction configs (experiments/reproduce/) and Table 1 in miniature (experiments/arith_tiny.py and its
-results file). No model is loaded: configs are built and checked by rpo's own config checks.
+"""The reproduction configs (experiments/reproduce/) and Table 1 in miniature (experiments/arith_tiny.py's table
+statistics, on results with known values). No model is loaded: configs are built and checked by rpo's own config
+checks.
 
 References written outside this project: the paper's settings (Pang et al. 2024, as tabled in the design notes:
 N, temperatures, K, iterations, steps per iteration, batch 16, lr 7e-7, beta 0.1, alpha 1) and its reported
@@ -13,6 +14,7 @@ import os
 import re
 import shlex
 
+import numpy as np
 import pytest
 
 from rpo import irpo, self_instruct
@@ -202,35 +204,53 @@ def test_cot_self_instruct_config_refuses_bad_variants(arg, message):
     assert path in str(e.value)
 
 
-def measured_results(md: str) -> dict[str, list[dict]]:
-    """The measured table of experiments/results/arith_tiny.md as results.json rows per method."""
-    m0 = re.search(r"^\| M_0 [^|]*\| 0 \| ([\d.]+) \| ([\d.]+) \|", md, re.M)
-    first = {"iteration": 0, "greedy_accuracy": float(m0[1]), "maj_accuracy": float(m0[2]), "train_steps": 0}
-    results: dict[str, list[dict]] = {}
-    for name, it, greedy, maj, _, steps in re.findall(
-            r"^\| (irpo|sft_gold|star|dpo) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|$", md, re.M):
-        results.setdefault(name, [dict(first)]).append(
-            {"iteration": int(it), "greedy_accuracy": float(greedy), "maj_accuracy": float(maj),
-             "train_steps": int(steps)})
-    return results
+def _fake_results(seeds=(0, 1, 2)) -> dict[str, dict[int, list[dict]]]:
+    """results.json rows per method and seed, with accuracies known in advance."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for m, (name, gain) in enumerate({"irpo": 0.1, "sft_gold": 0.02, "star": 0.05, "dpo": -0.2}.items()):
+        out[name] = {}
+        for s in seeds:
+            rows = [{"iteration": 0, "greedy_accuracy": 0.6, "maj_accuracy": 0.61 + 0.01 * s, "maj_k": 8,
+                     "test_prompts": 2000, "train_steps": 0}]
+            for t in (1, 2, 3):
+                rows.append({"iteration": t, "greedy_accuracy": 0.6 + gain * t + rng.normal(0, 0.01),
+                             "maj_accuracy": 0.6 + gain * t, "winner_precision": 0.9, "selected_step": 25 * t,
+                             "train_steps": 25 * t * (t + 1) // 2, "maj_k": 8, "test_prompts": 2000})
+            out[name][s] = rows
+    return out
 
 
-def test_table1_in_miniature_relays_the_measured_rows():
+def test_table_reports_means_t_intervals_and_paired_differences():
+    from scipy import stats
+
     arith = load(os.path.join(ROOT, "experiments", "arith_tiny.py"))
-    md = open(os.path.join(ROOT, "experiments", "results", "arith_tiny.md")).read()
-    results = measured_results(md)
-    assert sorted(results) == ["dpo", "irpo", "sft_gold", "star"] and all(len(r) == 4 for r in results.values())
-    section = "\n".join(arith.table1(results, 8))
-    assert section in md  # the section in the results file is exactly what the script writes for these rows
-    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    results, seeds = _fake_results(), [0, 1, 2]
+    lines = arith.table(results, seeds, 8, 2000)
+    rows = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in lines if line.startswith("| ")}
+    star2 = rows[("| star", "2")]
+    values = [results["star"][s][2]["greedy_accuracy"] for s in seeds]
+    half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)
+    assert star2[2] == f"{100 * np.mean(values):.1f} ± {100 * half:.1f}"
+    diffs = [results["irpo"][s][2]["greedy_accuracy"] - results["star"][s][2]["greedy_accuracy"] for s in seeds]
+    half = stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+    assert star2[4] == f"{100 * np.mean(diffs):.1f} ± {100 * half:.1f}"
+    assert star2[6] == "50, 50, 50" and rows[("| irpo", "1")][4] == "-"
+    assert [k for k in rows if k[0] != "| method"] == [("| zero-shot (M_0)", "0")] + [
+        (f"| {n}", str(t)) for n in ("irpo", "sft_gold", "star", "dpo") for t in (1, 2, 3)]
+    # The zero-shot row: greedy is seed-independent (no interval width), maj@k is not.
+    assert rows[("| zero-shot (M_0)", "0")][2] == "60.0 ± 0.0" and rows[("| zero-shot (M_0)", "0")][3].startswith("62.0 ± ")
+
+
+def test_table1_in_miniature_lays_out_the_papers_rows_beside_its_numbers():
+    arith = load(os.path.join(ROOT, "experiments", "arith_tiny.py"))
+    results = _fake_results()
+    section = arith.table1(results, [0, 1, 2], 8)
+    rows = [line for line in section if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[0] for r in rows] == [
-        "| zero-shot (M_0: here the SFT warm start)", "| SFT on gold (iteration 3)", "| STaR (iteration 3)",
-        "| DPO without NLL (iteration 3)", "| Iterative RPO, iteration 1", "| Iterative RPO, iteration 2",
-        "| Iterative RPO, iteration 3"]
-    # Measured cells come from the table above; the paper's column is the paper's GSM8K numbers.
-    assert rows[1].split(" | ")[1:4] == ["300", "0.380", "0.390"]
-    assert rows[4].split(" | ")[1:4] == ["100", "0.225", "0.220"]
+        "| zero-shot (M_0)", "| SFT on gold (iteration 3)", "| STaR (iteration 3)", "| DPO without NLL (iteration 3)",
+        "| Iterative RPO, iteration 1", "| Iterative RPO, iteration 2", "| Iterative RPO, iteration 3"]
     paper = PAPER_NUMBERS["gsm8k"]
     expected = [paper["zero_shot"], paper["sft_gold"], paper["star"], paper["dpo"], *paper["irpo"][:3]]
     assert [r.rstrip(" |").rsplit(" | ", 1)[1] for r in rows] == [f"{v}%" for v in expected]
-    assert f"{paper['irpo_maj32']}%" in section and f"{paper['irpo'][3]}%" in section
+    assert rows[4].split(" | ")[1] == arith.fmt([results["irpo"][s][1]["greedy_accuracy"] for s in (0, 1, 2)])

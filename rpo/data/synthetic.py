@@ -1,20 +1,26 @@
-"""A synthetic arithmetic word-problem task, generated from a seed, and its character tokenizer.
+"""A synthetic multi-step arithmetic task, generated from a seed, and its character tokenizer.
 
-Each problem starts a quantity and changes it in several steps; the gold chain of thought
-writes one equation per step and ends in the prompted answer line:
+A problem is a start value and a chain of operations, applied left to right:
 
-  Q: Mia has 23 pens. Mia gets 15. Mia loses 9. How many pens?
-  A: 23+15=38. 38-9=29. Final answer: 29
+  Q: 23 +15 -9 *2
+  A: 23+15=38. 38-9=29. 29*2=58. Final answer: 58
 
-Answers are exact non-negative integers; every intermediate value stays in [0, max_value].
-Difficulty knobs (config fields of the `task` block, name='arith'):
-  seed          problems are a pure function of (seed, split, index); train and test use
-                disjoint streams and the test split drops any problem that is also in train
-  num_train, num_test      rows per split
+A solution writes one equation per step and ends in the prompted answer line. Two styles:
+  equations   the model's own, as above (what M_0 was pre-trained on: experiments/arith_m0.py)
+  prose       the task's gold solutions, a human's style (spaces, commas, 'x' for times):
+                23 + 15 = 38, 38 - 9 = 29, 29 x 2 = 58. Final answer: 58
+Every step is an injective map (+b, -b, *m), so one wrong step always gives a wrong final answer:
+a correct answer by luck needs two errors that cancel. `check_steps` reads the equations of a
+completion and says whether every step is right (the winner precision of rpo.irpo).
+
+Config fields of the `task` block (name='arith'):
+  seed          problems are a pure function of (seed, split, index); the splits are disjoint
+                (a problem in train is never in test)
+  num_train, num_test      rows per split (rpo.irpo holds out the last select.heldout train rows)
   min_steps, max_steps     operations per problem (uniform in the range)
   max_value     the largest start value, operand and intermediate result
-  ops           the operations allowed: '+' add and '-' subtract (both required: one of them
-                is always possible), optionally '*' multiply (x2, x3)
+  ops           operations: '+' and '-' (both required) and optionally '*' (x2, x3)
+  style         the gold solutions' style: 'prose' (a human's) or 'equations' (the model's own)
   strict        reward only the 'Final answer:' line (else also the last number)
 
 `char_tokenizer()` is a fixed character-level tokenizer (transformers PreTrainedTokenizerFast;
@@ -24,14 +30,23 @@ an exported checkpoint is usable on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
+from typing import Sequence
 
 from rpo.data import Example, score_by_answer
 
-NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Eli", "Kai")
-ITEMS = ("apples", "shells", "stamps", "coins", "pens", "cards", "books", "rocks", "beads", "eggs")
+STYLES = ("prose", "equations")
+SPLITS = ("train", "test")
 PROMPT = "Q: {question}\nA: "
 SPECIALS = ("<pad>", "<eos>", "<unk>")
+
+Step = tuple[int, str, int, int]  # (a, op, b, c): a op b = c, op in '+-*'
+
+_EQUATION = re.compile(r"(\d+)\s*([-+*x])\s*(\d+)\s*=\s*(\d+)")
+_QUESTION = re.compile(r"^(\d+)((?: [-+*]\d+)+)$")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 def char_tokenizer():
@@ -47,33 +62,68 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_problem(rng: random.Random, *, min_steps: int, max_steps: int, max_value: int, ops: str
-                 ) -> tuple[str, str, int]:
-    """One problem: (question, gold chain of thought ending in 'Final answer: N', N)."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    steps: tuple[Step, ...]
+
+    @property
+    def question(self) -> str:
+        return " ".join([str(self.steps[0][0])] + [f"{op}{b}" for _, op, b, _ in self.steps])
+
+    @property
+    def answer(self) -> int:
+        return self.steps[-1][3]
+
+    def solution(self, style: str) -> str:
+        if style == "equations":
+            body = " ".join(f"{a}{op}{b}={c}." for a, op, b, c in self.steps)
+        elif style == "prose":
+            body = ", ".join(f"{a} {'x' if op == '*' else op} {b} = {c}" for a, op, b, c in self.steps) + "."
+        else:
+            raise ValueError(f"config field task.style: {style!r} is not one of {STYLES}")
+        return f"{body} Final answer: {self.answer}"
+
+
+def make_problem(rng: random.Random, *, min_steps: int, max_steps: int, max_value: int, ops: str) -> Problem:
+    """One problem with min_steps..max_steps operations; every value stays in [1, max_value]."""
     value = rng.randint(1, max_value)
-    sentences = [f"{name} has {value} {item}."]
-    equations = []
+    steps = []
     for _ in range(rng.randint(min_steps, max_steps)):
-        choices = [op for op in ops if (op != "-" or value > 0) and (op != "+" or value < max_value)
+        choices = [op for op in ops if (op != "-" or value > 1) and (op != "+" or value < max_value)
                    and (op != "*" or 2 * value <= max_value)]
         op = rng.choice(choices)
         if op == "+":
             b = rng.randint(1, max_value - value)
-            sentences.append(f"{name} {rng.choice(('finds', 'buys', 'gets'))} {b}.")
-            new = value + b
         elif op == "-":
-            b = rng.randint(1, value)
-            sentences.append(f"{name} {rng.choice(('gives', 'loses', 'sells'))} {b}.")
-            new = value - b
+            b = rng.randint(1, value - 1)
         else:
             b = rng.choice([m for m in (2, 3) if m * value <= max_value])
-            sentences.append(f"{name} {'doubles' if b == 2 else 'triples'} them.")
-            new = value * b
-        equations.append(f"{value}{op}{b}={new}.")
-        value = new
-    sentences.append(f"How many {item}?")
-    return " ".join(sentences), " ".join(equations) + f" Final answer: {value}", value
+        steps.append((value, op, b, _APPLY[op](value, b)))
+        value = steps[-1][3]
+    return Problem(tuple(steps))
+
+
+def question_steps(question: str) -> tuple[Step, ...]:
+    """The true steps of a problem, read back from its text ("23 +15 -9 *2")."""
+    m = _QUESTION.match(question.strip())
+    if not m:
+        raise ValueError(f"not an arith problem (a number, then ' <op><number>' per step): {question!r}")
+    value, steps = int(m.group(1)), []
+    for term in m.group(2).split():
+        op, b = term[0], int(term[1:])
+        steps.append((value, op, b, _APPLY[op](value, b)))
+        value = steps[-1][3]
+    return tuple(steps)
+
+
+def completion_steps(completion: str) -> tuple[Step, ...]:
+    """The equations a completion writes, in order, as (a, op, b, c); 'x' reads as '*'."""
+    return tuple((int(a), "*" if op == "x" else op, int(b), int(c)) for a, op, b, c in _EQUATION.findall(completion))
+
+
+def check_steps(completion: str, question: str) -> bool:
+    """Whether the completion's equations are exactly the problem's steps, each computed right."""
+    return completion_steps(completion) == question_steps(question)
 
 
 class ArithTask:
@@ -90,40 +140,43 @@ class ArithTask:
             raise ValueError(f"config field task.ops: {cfg.ops!r} must be a non-empty string of '+', '-', '*'")
         if "+" not in cfg.ops or "-" not in cfg.ops or cfg.max_value < 6:
             raise ValueError("config fields task.ops / task.max_value: need both '+' and '-', and max_value >= 6")
+        if cfg.style not in STYLES:
+            raise ValueError(f"config field task.style: {cfg.style!r} is not one of {STYLES}")
         self.cfg = cfg
+        self._splits: dict[str, list[Example]] = {}
 
-    def _generate(self, split: str, count: int, exclude: set[str] = frozenset()) -> list[Example]:
+    def problems(self, stream: str, count: int, exclude: set[str] = frozenset()) -> list[Problem]:
+        """`count` distinct problems of the seeded stream `stream`, none of whose texts is in `exclude`."""
         c = self.cfg
-        rng = random.Random(f"{c.seed}/{split}")
-        rows, seen = [], set(exclude)
+        rng = random.Random(f"{c.seed}/{stream}")
+        out, seen = [], set(exclude)
         for _ in range(100 * count):
-            if len(rows) == count:
+            if len(out) == count:
                 break
-            question, solution, answer = make_problem(
-                rng, min_steps=c.min_steps, max_steps=c.max_steps, max_value=c.max_value, ops=c.ops
-            )
-            if question in seen:
-                continue
-            seen.add(question)
-            rows.append(Example(f"arith/{split}/{len(rows)}", question, str(answer), solution))
-        if len(rows) < count:
-            raise ValueError(f"config field task.num_{split}: only {len(rows)} distinct problems exist at these knobs")
-        return rows
+            p = make_problem(rng, min_steps=c.min_steps, max_steps=c.max_steps, max_value=c.max_value, ops=c.ops)
+            if p.question not in seen:
+                seen.add(p.question)
+                out.append(p)
+        if len(out) < count:
+            raise ValueError(f"config field task.num_{stream}: only {len(out)} distinct problems exist at these knobs")
+        return out
 
     def load(self, split: str) -> list[Example]:
-        if split == "train":
-            return self._generate("train", self.cfg.num_train)
-        if split == "test":
-            train = {ex.question for ex in self._generate("train", self.cfg.num_train)}
-            return self._generate("test", self.cfg.num_test, exclude=train)
-        raise ValueError(f"task arith: no split {split!r} (train | test)")
+        if split not in SPLITS:
+            raise ValueError(f"task arith: no split {split!r} ({' | '.join(SPLITS)})")
+        if split not in self._splits:
+            earlier = {ex.question for s in SPLITS[:SPLITS.index(split)] for ex in self.load(s)}
+            count = self.cfg[f"num_{split}"]
+            self._splits[split] = [
+                Example(f"arith/{split}/{i}", p.question, str(p.answer), p.solution(self.cfg.style))
+                for i, p in enumerate(self.problems(split, count, exclude=earlier))]
+        return self._splits[split]
 
     def new_problem(self, rng: random.Random) -> Example:
         """A fresh problem at the task's knobs (what a CoT-Self-Instruct warm start demonstrates writing)."""
         c = self.cfg
-        question, solution, answer = make_problem(rng, min_steps=c.min_steps, max_steps=c.max_steps,
-                                                  max_value=c.max_value, ops=c.ops)
-        return Example("arith/new", question, str(answer), solution)
+        p = make_problem(rng, min_steps=c.min_steps, max_steps=c.max_steps, max_value=c.max_value, ops=c.ops)
+        return Example("arith/new", p.question, str(p.answer), p.solution(c.style))
 
     def prompt(self, example: Example) -> str:
         return PROMPT.format(question=example.question)
@@ -140,3 +193,7 @@ class ArithTask:
         from rpo import rewards
 
         return score_by_answer("arith", completions, examples, self.answer, rewards.gsm8k_gold)
+
+    def steps_correct(self, completions: Sequence[str], examples: Sequence[Example]) -> list[bool]:
+        """Per completion: every step right (check_steps), for the winner precision."""
+        return [check_steps(c, ex.question) for c, ex in zip(completions, examples)]
