@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rollouts_every=25 if not quick else 2,  # write a step's rollouts (texts, rewards, advantages); 0: never
         train=ml_collections.ConfigDict(dict(
             optim=optim, grad_accum=1, remat=False, chunk_size=64, log_every=1,
+            row_buckets=4,  # batch sizes a step may compile for (zero-advantage rows are left out when beta = 0)
             checkpoint_every=25 if not quick else 2, keep_checkpoints=1,
         )),
     ))

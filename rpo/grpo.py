@@ -12,7 +12,10 @@ train step and resumable stages.
         -> group-normalised advantages (mean-centred; divided by the group's std + adv_eps with scale_rewards)
         -> with beta > 0, the reference's per-token log-probs (M_0 or M_{t-1}: grpo.reference)
         -> mu optimizer steps on that one batch (rpo.train.grpo_step: the clipped-ratio objective per
-           token, the k3 KL term, the normalisation of grpo.normalization; see rpo.losses)
+           token, the k3 KL term, the normalisation of grpo.normalization over every sample of the step; see
+           rpo.losses). With beta = 0 a zero-advantage sample adds nothing to the loss or its gradient, so it
+           is left out of the batch (the normaliser still counts it; the batch is padded to one of
+           grpo.train.row_buckets sizes, each compiled once): the same update for less compute.
      then, as IRPO does, the export (every select.every steps) best on the held-out training problems
      is M_t, evaluated on the test split (greedy, maj@k, pass@k: rpo.irpo.evaluate).
 
@@ -116,7 +119,7 @@ def check_config(cfg) -> None:
     if g.on_reward_error not in ON_ERROR:
         bad("grpo.on_reward_error", f"{g.on_reward_error!r} is not one of {ON_ERROR}")
     t = g.train
-    for field in ("grad_accum", "chunk_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for field in ("grad_accum", "chunk_size", "log_every", "checkpoint_every", "keep_checkpoints", "row_buckets"):
         if not isinstance(t[field], int) or t[field] < 1:
             bad(f"grpo.train.{field}", f"must be a positive int, got {t[field]!r}")
     rows = g.prompts_per_step * g.group_size
@@ -223,15 +226,15 @@ def _ref_logprobs(ref_fn, ref_params, rows, *, batch, mesh, rules, seq_len, pad_
             r["ref_logprobs"] = lp[n: n + len(r["completion_ids"])].tolist()
 
 
-_COMPILED: dict = {}  # the jitted step functions of recent phases, so a phase like the last one compiles nothing
+_COMPILED: dict = {}  # the jitted functions of recent phases, so a phase like the last one compiles nothing
 
 
 def _cached(key, build):
     """build() once per key (the model, the loss and optimizer fields, the batch layout and the mesh): every phase
     of a run has the same key, and jax.jit keys its compilations on the function object, which would otherwise be
-    new each phase. Keeps the 4 newest."""
+    new each phase. Keeps the 16 newest."""
     if key not in _COMPILED:
-        while len(_COMPILED) >= 4:
+        while len(_COMPILED) >= 16:
             _COMPILED.pop(next(iter(_COMPILED)))
         _COMPILED[key] = build()
     return _COMPILED[key]
@@ -274,16 +277,22 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
     pack = dict(seq_len=cfg.seq_len, pad_id=cfg.data.pad_id)
     total_updates = g.steps_per_iteration * g.mu
     key = (model_config, lf.to_json(sort_keys=True), tc.optim.to_json(sort_keys=True), tc.grad_accum, bool(tc.remat),
-           total_updates, mesh, rules, rows_per_step, cfg.seq_len, cfg.data.pad_id)
+           total_updates, mesh, rules, cfg.seq_len, cfg.data.pad_id)
 
     def build():
         optimizer = train.make_optimizer(tc.optim, total_updates)
-        example = train.split_micro(train.make_rollout_batch([], rows_per_step, **pack), tc.grad_accum)
-        step_fn = train.make_grpo_step(model_config, lf, optimizer, mesh, rules, example, remat=tc.remat)
         ref_fn = train.make_rollout_logps_fn(model_config, lf, mesh, rules, train.make_rollout_batch([], micro, **pack))
-        return optimizer, step_fn, ref_fn
+        return optimizer, ref_fn
 
-    optimizer, step_fn, ref_fn = _cached(key, build)
+    optimizer, ref_fn = _cached(key, build)
+    unit = row_unit(rows_per_step, tc.row_buckets, tc.grad_accum * shards)
+
+    def step_fn(rows_in_batch):  # the jitted step for a batch of that many rows (a multiple of `unit`)
+        def build_step():
+            example = train.split_micro(train.make_rollout_batch([], rows_in_batch, **pack), tc.grad_accum)
+            return train.make_grpo_step(model_config, lf, optimizer, mesh, rules, example, remat=tc.remat)
+        return _cached(key + (rows_in_batch,), build_step)
+
     schedule = train.make_schedule(tc.optim, total_updates)
     ref_params = None
     if g.beta > 0:
@@ -341,15 +350,21 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
                 # No gradient at all: leave the weights and AdamW's moments (which would still move them) as they are.
                 metrics["skipped"] = 1.0
             else:
+                # The normaliser counts every sample of the step; with no KL term a zero-advantage sample adds
+                # nothing to the loss or its gradient, so it is not run through the model.
+                denom = np.float32(step_denominator(batch_rows, g.normalization, g.max_new_tokens))
+                trained = batch_rows if g.beta > 0 else [r for r in batch_rows if r["advantage"] != 0.0]
                 if ref_params is not None:
-                    _ref_logprobs(ref_fn, ref_params, batch_rows, batch=micro, mesh=mesh, rules=rules, **pack)
-                batch = train.device_rollouts(batch_rows, rows_per_step, mesh=mesh, rules=rules,
-                                              grad_accum=tc.grad_accum, **pack)
+                    _ref_logprobs(ref_fn, ref_params, trained, batch=micro, mesh=mesh, rules=rules, **pack)
+                size = -(-len(trained) // unit) * unit
+                batch = train.device_rollouts(trained, size, mesh=mesh, rules=rules, grad_accum=tc.grad_accum, **pack)
+                fn = step_fn(size)
                 inner = []
                 for _ in range(g.mu):
-                    state, m = step_fn(state, batch)
+                    state, m = fn(state, batch, denom)
                     inner.append(distributed.fetch(m))
                 metrics.update({k: float(np.mean([m[k] for m in inner])) for k in inner[0] if k not in ("tokens", "rows")})
+                metrics["trained_rows"] = float(len(trained))
                 metrics["clip_fraction"] = metrics.pop("clip/region")
                 metrics["skipped"] = 0.0
                 if not math.isfinite(metrics["loss"]):
@@ -385,6 +400,28 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
             tokenizer.save_pretrained(path)
     files.write_json(os.path.join(out_dir, irpo.DONE), {"steps": steps, "kind": "grpo"})
     return final
+
+
+def row_unit(rows_per_step: int, buckets: int, multiple: int) -> int:
+    """The row granularity of a step's batch: rows_per_step / buckets, rounded up to a multiple of `multiple`
+    (grad_accum x the mesh's batch shards), so a step compiles for at most `buckets` batch sizes."""
+    unit = -(-rows_per_step // max(1, buckets))
+    return -(-unit // multiple) * multiple
+
+
+def step_denominator(rows: list[dict], normalization: str, max_new_tokens: int) -> float:
+    """losses.grpo_denominator over every rollout of a step (rows with "completion_ids"): rows, completion tokens,
+    or rows x max_new_tokens; at least 1."""
+    n = len(rows)
+    if normalization == "sequence":
+        den = n
+    elif normalization == "token":
+        den = sum(len(r["completion_ids"]) for r in rows)
+    elif normalization == "constant":
+        den = n * max_new_tokens
+    else:
+        raise ValueError(f"GRPO normalization {normalization!r}")
+    return float(max(den, 1))
 
 
 def phase_summary(out_dir: str) -> dict:

@@ -145,6 +145,7 @@ def _small(model_path, **grpo_fields):
     cfg.init.num_steps = 0
     cfg.grpo.update(iterations=1, rollouts_every=0, mu=2, **grpo_fields)  # mu as the quick run's: one compile
     cfg.select.every = 0  # the last step is M_1: no exports to score
+    cfg.grpo.train.row_buckets = 1  # one batch size: one compilation
     return cfg
 
 

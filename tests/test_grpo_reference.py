@@ -187,7 +187,7 @@ def test_loss_and_gradient_equal_trl_grpo_trainer(model_dir, tmp_path):
     step = train.make_grpo_step(config, g, optimizer, mesh, rules, example)
     state = jax.device_put(train.init_state(params, optimizer), train.state_shardings(config, optimizer, mesh, rules))
     _, metrics = step(state, train.device_rollouts(rows, len(rows), mesh=mesh, rules=rules, grad_accum=2, seq_len=24,
-                                                   pad_id=0))
+                                                   pad_id=0), np.float32(np.sum(cm)))
     trainer.loss_type, trainer.args.use_bias_correction_kl = TRL_LOSS[normalization], False
     trainer._metrics["eval"].clear()
     ref_loss = trainer._compute_loss(trainer.model, inputs)
@@ -198,6 +198,38 @@ def test_loss_and_gradient_equal_trl_grpo_trainer(model_dir, tmp_path):
         np.testing.assert_allclose(float(metrics[ours_key]), logged[trl_key][-1], rtol=1e-4, atol=1e-7, err_msg=ours_key)
     assert 0.0 < float(metrics["clip/region"]) < 1.0  # the batch exercises the clip, on both sides
     assert float(metrics["clip/low"]) > 0.0 and float(metrics["clip/high"]) > 0.0
+
+
+def test_zero_advantage_rows_left_out_give_the_same_gradient(model_dir):
+    """What rpo.grpo does with beta = 0: the rows whose advantage is 0 are not run, the normaliser (over every row,
+    grpo.step_denominator, equal to losses.grpo_denominator) still counts them; loss and gradient are unchanged."""
+    from rpo import grpo
+
+    config, params = M.load_pretrained(model_dir)
+    rows, _ = _rollouts()
+    rng = np.random.default_rng(4)
+    for i, r in enumerate(rows):
+        r["logprobs"] = (-rng.uniform(2, 5, len(r["completion_ids"]))).tolist()
+        r["advantage"] = 0.0 if i in (1, 3, 4) else float(rng.normal())
+    kept = [r for r in rows if r["advantage"] != 0.0]
+    full = jax.tree.map(jnp.asarray, train.make_rollout_batch(rows, 8, seq_len=24, pad_id=0))
+    for normalization in losses.NORMALIZATIONS:
+        denom = losses.grpo_denominator(full["loss_mask_BT"], full["row_mask_B"], normalization=normalization,
+                                        max_new_tokens=MAX_NEW)
+        assert float(denom) == grpo.step_denominator(rows, normalization, MAX_NEW)
+    for normalization in ("sequence",):  # (the numerator's per-row form; token and constant sum over tokens)
+        g = ml_collections.ConfigDict(dict(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, beta=0.0, kl_ratio=False,
+                                           normalization=normalization, temperature=TEMPERATURE, top_k=0, top_p=1.0,
+                                           chunk_size=5, max_new_tokens=MAX_NEW))
+        denom = losses.grpo_denominator(full["loss_mask_BT"], full["row_mask_B"], normalization=normalization,
+                                        max_new_tokens=MAX_NEW)
+        part = jax.tree.map(jnp.asarray, train.make_rollout_batch(kept, 4, seq_len=24, pad_id=0))
+        f = lambda p, b: train.grpo_sums(p, b, denom, model_config=config, g=g, remat=False)["loss"]  # noqa: E731
+        (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(f))(params, b) for b in (full, part))
+        np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
+    assert grpo.row_unit(256, 4, 8) == 64 and grpo.row_unit(6, 4, 4) == 4 and grpo.row_unit(24, 1, 1) == 24
 
 
 def test_old_logprobs_are_the_samplers_and_the_ratio_starts_at_one(model_dir):
@@ -253,7 +285,7 @@ def _sharded_check() -> dict:
         state = jax.device_put(train.init_state(params, optimizer),
                                train.state_shardings(config, optimizer, mesh, rules))
         new, metrics = step(state, train.device_rollouts(rows, 8, mesh=mesh, rules=rules, grad_accum=2, seq_len=24,
-                                                         pad_id=0))
+                                                         pad_id=0), np.float32(sum(len(r["completion_ids"]) for r in rows)))
         flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(new["params"])])
         out["x".join(map(str, shape))] = {"metrics": {k: float(v) for k, v in metrics.items()},
                                           "params": flat.tolist(), "q_spec": str(new["params"]["layers"]["q"].sharding.spec)}

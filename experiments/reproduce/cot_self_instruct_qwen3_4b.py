@@ -132,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 lr=1e-6, schedule="constant", warmup_steps=10, end_lr_fraction=1.0, weight_decay=0.0, b1=0.9, b2=0.99,
                 eps=1e-8, clip_norm=1.0)),
             grad_accum=128, remat=True, chunk_size=256, log_every=1, checkpoint_every=25, keep_checkpoints=2,
+            row_buckets=4,
         )),
     ))
     c.chain = ml_collections.ConfigDict(dict(then="grpo" if method == "grpo" else "", model_path=opts.get("policy", "")))
