@@ -307,6 +307,7 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
     if state is None:
         start, state = 0, jax.device_put(train.init_state(params, optimizer), s_shard)
     del params
+    updates = int(distributed.fetch(state["step"]))  # optimizer updates so far (the schedule's count)
     log = report.MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     bar = report.progress(desc=f"iter{t} grpo", total=g.steps_per_iteration, unit="steps")
     bar.update(start)
@@ -363,6 +364,7 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
                 for _ in range(g.mu):
                     state, m = fn(state, batch, denom)
                     inner.append(distributed.fetch(m))
+                    updates += 1
                 metrics.update({k: float(np.mean([m[k] for m in inner])) for k in inner[0] if k not in ("tokens", "rows")})
                 metrics["trained_rows"] = float(len(trained))
                 metrics["clip_fraction"] = metrics.pop("clip/region")
@@ -370,7 +372,7 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"{where}: loss is {metrics['loss']}; stopping (last checkpoint: "
                                              f"{mngr.latest_step()})")
-            metrics["lr"] = float(schedule(int(state["step"]) - 1))
+            metrics["lr"] = float(schedule(max(updates - 1, 0)))  # the rate of the step's last update
             done = step + 1
             if g.rollouts_every and done % g.rollouts_every == 0:
                 os.makedirs(os.path.join(out_dir, "rollouts"), exist_ok=True)
