@@ -49,7 +49,8 @@ setup() {  # setup REQUIREMENTS_FILE [more pip requirements]
   .venv/bin/python -m pip install -q --disable-pip-version-check -r "$@" 2>&1 | grep -v "^WARNING: Location" || true
   # pip's own exit status is lost in the pipe above: check the install really happened.
   .venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
-      ('jax', 'flax', 'optax', 'orbax.checkpoint', 'transformers', 'ml_collections', 'tensorflow_datasets')))" \
+      ('jax', 'flax', 'optax', 'orbax.checkpoint', 'transformers', 'ml_collections', 'tensorflow_datasets',
+       'math_verify', 'gguf')))" \
     || die "dependencies failed to install from $*"
 }
 

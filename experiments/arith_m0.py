@@ -34,11 +34,16 @@ sys.path.insert(0, ROOT)
 def corpus_rows(cfg, tokenizer) -> list[dict]:
     """The pre-training corpus: pretrain.num_problems draws of the 'pretrain' stream (duplicates kept, as in
     web text), minus every problem of the task's splits; SFT rows in the model's own style."""
+    import ml_collections
+
     from rpo.data import get_task
     from rpo.data.synthetic import PROMPT, make_problem
 
     p, t = cfg.pretrain, cfg.task
-    task = get_task(t)
+    if t.num_test > p.excluded_test:
+        raise ValueError(f"config field task.num_test={t.num_test}: M_0's corpus excludes only the first "
+                         f"pretrain.excluded_test={p.excluded_test} test problems")
+    task = get_task(ml_collections.ConfigDict({**t.to_dict(), "num_test": p.excluded_test}))  # same corpus
     task_questions = {ex.question for split in ("train", "test") for ex in task.load(split)}
     rng = random.Random(f"{t.seed}/pretrain")
     rows = []

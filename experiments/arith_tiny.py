@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "experiments", "results")
 METHODS = {  # name -> (config variant, what it is)
-    "irpo": ("", "Iterative RPO: DPO + NLL on (correct, incorrect) pairs of its own samples, gold among winners"),
+    "irpo": ("", "Iterative RPO: DPO + NLL on (correct, incorrect) pairs of its own samples"),
     "sft_gold": ("baseline=sft_gold", "SFT on the gold solutions (a human's style)"),
     "star": ("baseline=star", "STaR: SFT on its own correct samples"),
     "dpo": ("baseline=dpo", "DPO without the NLL term (alpha = 0)"),

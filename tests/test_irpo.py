@@ -160,7 +160,7 @@ STAGE_OUTPUTS = ("train.jsonl", "heldout.jsonl", "test.jsonl", "sft.jsonl", "pai
                  "select.json")
 
 
-def _wait_for(proc, predicate, timeout=300):
+def _wait_for(proc, predicate, timeout=900):  # a guard against a hang, not a speed check
     t0 = time.time()
     while not predicate():
         assert proc.poll() is None, "the run ended before the moment to kill it"
@@ -203,7 +203,7 @@ def test_killed_at_any_stage_resumes_and_loses_nothing(finished, tmp_path):
 def test_refuses_to_resume_a_workdir_with_another_config(finished):
     workdir, _ = finished
     res = subprocess.run(_cmd(workdir, "quick", "--config.irpo.pairs_per_prompt=3"), capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+                         text=True, timeout=900, cwd=ROOT)
     assert res.returncode != 0 and "field irpo.pairs_per_prompt differs" in res.stderr
 
 
@@ -252,21 +252,24 @@ def test_bad_config_and_input_are_named(tmp_path):
     cfg.seq_len = 300
     with pytest.raises(ValueError, match=r"seq_len=300: longer than the model's context \(256, model.random"):
         irpo.run(cfg, str(tmp_path / "d"))
-    cfg.seq_len = 70  # quick prompts are 46 to 53 tokens, plus 32 new tokens
-    with pytest.raises(ValueError, match=r"arith/train/\d+: the prompt has \d+ tokens"):
+    cfg.seq_len = 30  # quick prompts are 11 tokens, plus 32 new tokens
+    with pytest.raises(ValueError, match=r"arith/train/\d+: the prompt has 11 tokens; with 32 new tokens"):
         irpo.run(cfg, str(tmp_path / "d"))
     cfg.data.long_prompts = "skip"
-    cfg.eval.max_new_tokens = cfg.irpo.max_new_tokens = 4
-    with pytest.raises(ValueError, match="seq_len=70: no train prompt has a gold response that fits"):
+    cfg.eval.max_new_tokens = cfg.irpo.max_new_tokens = 4  # every prompt fits; no 38-token gold row does
+    with pytest.raises(ValueError, match="seq_len=30: no train prompt has a gold response that fits"):
         irpo.run(cfg, str(tmp_path / "d"))  # the workdir was not claimed by the failed runs above
-    # Prompts of 53 and 54 tokens leave no room for 25 new tokens in 77; the 23-token gold
-    # responses fit with the rest, but are longer than 20 sampled tokens (a warning, counted).
-    cfg.seq_len, cfg.irpo.iterations, cfg.eval.max_new_tokens, cfg.irpo.max_new_tokens = 77, 0, 25, 20
+    # Values up to 20 in the model's own style: prompts of 11-13 tokens, gold responses of 23-27. In 37 tokens the
+    # 13-token prompts leave no room for 25 new tokens (skipped, counted); most gold rows fit with their prompt
+    # but are longer than 20 sampled tokens (a warning, counted).
+    cfg.task.update(max_value=20, style="equations")
+    cfg.seq_len, cfg.irpo.iterations, cfg.eval.max_new_tokens, cfg.irpo.max_new_tokens = 37, 0, 25, 20
     irpo.run(cfg, str(tmp_path / "f"))
     stats = json.loads((tmp_path / "f" / "data" / "train_stats.json").read_text())
     kept = sum(1 for _ in open(tmp_path / "f" / "data" / "train.jsonl"))
-    assert stats["gold_longer_than_max_new_tokens"] > 0
-    assert stats["skipped_long_prompts"] > 0 and stats["rows"] == kept == 32 - stats["skipped_long_prompts"]
+    assert stats["gold_longer_than_max_new_tokens"] > 0 and stats["gold_too_long_for_seq_len"] > 0
+    assert stats["skipped_long_prompts"] > 0 and stats["heldout_rows"] == 8
+    assert stats["rows"] == kept == 40 - 8 - stats["skipped_long_prompts"]
 
 
 def test_runs_on_gsm8k_files_from_an_hf_checkpoint(tmp_path):

@@ -10,7 +10,7 @@ def test_main_sample_config_writes_samples(tmp_path):
         [sys.executable, "-m", "rpo.main", "--config=configs/sample_tiny.py", f"--workdir={tmp_path}",
          "--config.sample.max_new_tokens=8",
          "--config.sample.temperature=0.7"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
@@ -26,7 +26,7 @@ def test_main_rejects_unknown_mode(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "rpo.main", "--config=configs/sample_tiny.py", f"--workdir={tmp_path}",
          "--config.mode=nope"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=600,
     )
     assert res.returncode != 0 and "field mode='nope'" in res.stderr
 
@@ -35,7 +35,7 @@ def test_main_runs_a_training_phase(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "rpo.main", f"--config=configs/train_tiny.py:make_data,steps=3,workdir={tmp_path}",
          "--config.eval_every=3", "--config.checkpoint_every=3"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

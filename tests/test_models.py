@@ -161,7 +161,7 @@ def test_load_into_a_sharding_on_8_devices(tmp_path):
         """
     )
     np.save(tmp_path / "tokens.npy", TOKENS)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=os.getcwd(), timeout=300)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=os.getcwd(), timeout=900)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 

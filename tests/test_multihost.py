@@ -26,7 +26,7 @@ from rpo import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
-TIMEOUT_S = 180  # a hung collective must fail the test, not hang CI
+TIMEOUT_S = 600  # a hung collective must fail the test, not hang CI
 
 
 def _free_port() -> int:

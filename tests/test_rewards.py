@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -180,7 +179,9 @@ def test_agrees_with_math_verify_cases():
     assert len(MATH_VERIFY) == 269
     cases = [c for c in MATH_VERIFY if _graded_like_math(c)]
     assert len(cases) == 261
-    _, verdicts = R.math_score([c["pred"] for c in cases], [c["gold"] for c in cases])
+    # A 60 s deadline per case: the verdicts are what this checks, and a busy machine must not turn one into
+    # a timeout (False); the 5 s default is the run-time budget.
+    _, verdicts = R.math_score([c["pred"] for c in cases], [c["gold"] for c in cases], timeout=60.0)
     differ = {(c["gold"], c["pred"]) for c, v in zip(cases, verdicts) if v != c["expected"]}
     assert 1 - len(differ) / len(cases) >= 0.95
     assert differ <= set(KNOWN_DIFFERENCES), differ - set(KNOWN_DIFFERENCES)
@@ -302,18 +303,17 @@ SLOW = (r"2^{2^{2^{2^{2^{2}}}}}", "3")
 def test_timeout_kills_and_replaces_the_worker():
     assert R.math_equiv_batch([(r"\sqrt{12}", r"2\sqrt{3}")]) == [True]  # the pool is up
     pids = {w.proc.pid for w in R._pool().workers}
-    start = time.monotonic()
-    verdicts = R.math_equiv_batch([SLOW, (r"\sqrt{18}", r"3\sqrt{2}"), (r"\sqrt{20}", r"2\sqrt{6}")], timeout=1.0)
-    elapsed = time.monotonic() - start
+    # A 3 s deadline: the tower misses it on any machine, the two small pairs meet it even on a busy one. The
+    # killed worker below is what shows the deadline acted (no wall-clock bound: a slow machine must not fail).
+    verdicts = R.math_equiv_batch([SLOW, (r"\sqrt{18}", r"3\sqrt{2}"), (r"\sqrt{20}", r"2\sqrt{6}")], timeout=3.0)
     assert verdicts == [False, True, False]
-    assert elapsed < 8.0
     killed = pids - {w.proc.pid for w in R._pool().workers}
     assert len(killed) == 1
     with pytest.raises(ProcessLookupError):
         os.kill(killed.pop(), 0)
     after = R.math_equiv_batch([(r"\sqrt{27}", r"3\sqrt{3}"), (r"\sqrt{28}", r"3\sqrt{3}")], timeout=5.0)
     assert after == [True, False]
-    assert R.math_score(["\\boxed{" + SLOW[0] + "}"], ["3"], timeout=1.0) == ([None], [False])  # no answer either
+    assert R.math_score(["\\boxed{" + SLOW[0] + "}"], ["3"], timeout=3.0) == ([None], [False])  # no answer either
 
 
 def test_a_dead_worker_is_replaced():

@@ -389,5 +389,5 @@ def test_sharded_run_equals_unsharded(tmp_path):
         print("OK")
         """
     )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=os.getcwd(), timeout=300)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=os.getcwd(), timeout=900)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
