@@ -78,7 +78,7 @@ case "$mode" in
     # pytest exits 5 when it collects no test: that is a failure here, like any non-zero code.
     # Two worker processes (RPO_TEST_WORKERS): most tests are single-threaded JAX compiles, so two
     # cores run the suite in about half the time.
-    exec .venv/bin/python -m pytest -q -n "${RPO_TEST_WORKERS:-2}" tests "$@"
+    exec .venv/bin/python -m pytest -q -n "${RPO_TEST_WORKERS:-2}" --dist loadgroup tests "$@"
     ;;
   local)
     config_args "$@"

@@ -20,6 +20,9 @@ from rpo import chain, irpo, main
 from rpo import self_instruct as si
 from rpo.files import load_module, write_jsonl
 
+# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("chain")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERIFIABLE = ["97 -88 = 9. 9 +5 = 14.\n[New Question Begin]97 -88 +5[New Question End]\n"
               "[Final Answer to New Question Begin]\\boxed{14}[Final Answer to New Question End]",

@@ -17,6 +17,9 @@ import pytest
 
 from rpo import grpo
 
+# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("grpo")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "grpo_tiny.py")
 STEP_METRICS = ("reward_mean", "reward_std", "zero_adv_fraction", "response_length", "clip_fraction", "kl", "entropy",

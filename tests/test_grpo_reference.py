@@ -30,6 +30,9 @@ import rpo.models as M
 from rpo import losses, sampling, sharding, train
 from rpo.data.synthetic import char_tokenizer
 
+# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("grpo_reference")
+
 VOCAB = 104  # the char tokenizer's size
 TEMPERATURE = 0.7
 MAX_NEW = 12

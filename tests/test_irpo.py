@@ -14,6 +14,9 @@ import time
 import numpy as np
 import pytest
 
+# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("irpo")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "arith_tiny.py")
 

@@ -76,7 +76,7 @@ def launcher_copy(tmp_path):
      ["-m", "rpo.main", "--config=configs/train_tiny.py:make_data", "--config.seed=2"]),
     (["local", "configs/arith_tiny.py:quick", "--config.irpo.temperatures=(0.8, 0.9)"],
      ["-m", "rpo.main", "--config=configs/arith_tiny.py:quick", "--config.irpo.temperatures=(0.8, 0.9)"]),
-    (["test", "-k", "sweep"], ["-m", "pytest", "-q", "-n", "2", "tests", "-k", "sweep"]),  # what .ci/run calls
+    (["test", "-k", "sweep"], ["-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "tests", "-k", "sweep"]),  # what .ci/run calls
 ])
 def test_local_and_test_pass_config_and_flags_through(launcher_copy, args, expected):
     root, log = launcher_copy

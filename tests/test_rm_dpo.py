@@ -17,6 +17,9 @@ import transformers
 from rpo import rm_dpo
 from rpo.files import load_module
 
+# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("rm_dpo")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = ["Write about rain.", "Name a cat.", "Say hi.", "Draw a map.", "Brew tea.", "Count to 3."]
 

@@ -17,6 +17,9 @@ import pytest
 from rpo import filters, irpo
 from rpo import self_instruct as si
 
+# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("self_instruct")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "self_instruct_tiny.py")
 

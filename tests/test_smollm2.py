@@ -27,6 +27,9 @@ import rpo.models as M
 from rpo import irpo, sampling, train
 from rpo.models import gguf_import, smollm2
 
+# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("smollm2")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_START, IM_END = 1, 2  # SmolLM2's <|im_start|> (BOS) and <|im_end|> (EOS, end of a chat turn)
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
