@@ -142,6 +142,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
 
       ./launch.sh sweep configs/arith_tiny.py               # = sweep=lr: each method's learning rate
       ./launch.sh sweep configs/arith_tiny.py:sweep=irpo    # IRPO's beta, alpha, pairs per prompt, temperature
+      ./launch.sh sweep configs/arith_tiny.py:sweep=diag    # IRPO with alpha 4; STaR at IRPO's learning rate
       ./launch.sh sweep configs/arith_tiny.py:quick         # 2 short points (beta only), on the quick variant
     """
     from rpo.sweep import product
@@ -155,7 +156,10 @@ def get_sweep(arg: str | None = None) -> list[dict]:
         return ([{**probe, "train.optim.lr": lr} for lr in (3e-5, 1e-4, 3e-4)]
                 + [{**probe, **sft, "irpo.method": "star", "train.optim.lr": lr} for lr in (3e-4, 1e-3)]
                 + [{**probe, **sft, "irpo.method": "sft_gold", "train.optim.lr": lr} for lr in (3e-5, 1e-4, 3e-4, 1e-3)])
+    if opts.get("sweep") == "diag":  # why STaR beats IRPO here: a stronger NLL term; STaR at IRPO's rate
+        return [{**probe, "train.loss.alpha": 4.0},
+                {**probe, **sft, "irpo.method": "star", "train.optim.lr": 1e-4}]
     if opts.get("sweep") == "irpo":
         return [{**probe, **point} for point in product({"train.loss.beta": (0.1, 0.5), "train.loss.alpha": (1.0, 4.0)})
                 + product({"irpo.pairs_per_prompt": (4,), "irpo.temperatures": ((0.7, 0.8, 1.0), (1.0, 0.8, 1.0))})]
-    raise ValueError(f"configs/arith_tiny.py get_sweep: use sweep=lr | sweep=irpo | quick, got {arg!r}")
+    raise ValueError(f"configs/arith_tiny.py get_sweep: use sweep=lr | sweep=irpo | sweep=diag | quick, got {arg!r}")

@@ -81,7 +81,8 @@ def irpo_job(config, workdir: str) -> None:
     from rpo import report
 
     rows = irpo.run(config, workdir)
-    shown = ("iteration", "greedy_accuracy", "maj_accuracy", "train_sample_accuracy", "pairs", "train_steps")
+    shown = ("iteration", "greedy_accuracy", "maj_accuracy", "train_sample_accuracy", "winner_precision", "pairs",
+             "selected_step", "heldout_accuracy", "train_steps")
     table = report.format_table([{k: row[k] for k in shown if k in row} for row in rows])
     _log(f"results ({workdir}/results.json, accuracy.png):\n{table}")
 
