@@ -169,7 +169,7 @@ def table(results: dict[str, dict[int, list[dict]]], seeds: list[int], k: int, n
     """Per method and iteration: mean ± 95% interval over seeds, and the paired difference to IRPO."""
     lines = [
         f"| method | iteration | greedy accuracy (%) | maj@{k} (%) | IRPO minus this, greedy (paired, pts) "
-        f"| winner precision | selected step | train steps after M_0 |",
+        f"| winner precision (%) | selected step | train steps after M_0 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     m0 = [results["irpo"][s][0] for s in seeds]
@@ -185,7 +185,7 @@ def table(results: dict[str, dict[int, list[dict]]], seeds: list[int], k: int, n
             prec = [r["winner_precision"] for r in rows if "winner_precision" in r]
             lines.append(
                 f"| {name} | {t} | {fmt([r['greedy_accuracy'] for r in rows])} | {fmt([r['maj_accuracy'] for r in rows])}"
-                f" | {diff} | {fmt(prec, 1.0) if prec else '-'} | {', '.join(str(r['selected_step']) for r in rows)} "
+                f" | {diff} | {fmt(prec) if prec else '-'} | {', '.join(str(r['selected_step']) for r in rows)} "
                 f"| {fmt([r['train_steps'] - results[name][s][0]['train_steps'] for s, r in zip(seeds, rows)], 1.0)} |")
     lines += ["", f"Greedy and maj@{k} accuracy on the {n_test} test problems, mean over seeds {seeds} ± the half-width "
               f"of the 95% t-interval over seeds (t with {len(seeds) - 1} degrees of freedom); one run's binomial "
