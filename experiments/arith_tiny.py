@@ -89,28 +89,36 @@ def _train_metrics(wd: str, t: int) -> list[dict]:
     return [r for r in map(json.loads, open(path)) if r["split"] == "train"]
 
 
-def figure_nll(runs: str, seed: int, out: str) -> None:
-    """The paper's Figure 2/3 in miniature: mean log-probs of the chosen and rejected responses in the training
-    batches over iteration 1's steps, IRPO (DPO + NLL) against DPO without NLL (same pairs: same M_0 and seed)."""
+def plot_chosen_rejected(series, ylabel: str, title: str, out: str, marker=None) -> None:
+    """One PNG of chosen (solid) and rejected (dashed) log-probs over training steps; series: (label, color, steps,
+    chosen, rejected) per method."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, color in (("irpo", "C0"), ("dpo", "C3")):
-        rows = _train_metrics(workdir(runs, name, seed), 1)
-        steps = [r["step"] for r in rows]
-        label = "DPO + NLL (IRPO)" if name == "irpo" else "DPO"
-        ax.plot(steps, [r["logps/chosen"] for r in rows], color=color, label=f"{label}: chosen")
-        ax.plot(steps, [r["logps/rejected"] for r in rows], color=color, ls="--", label=f"{label}: rejected")
+    for label, color, steps, chosen, rejected in series:
+        ax.plot(steps, chosen, color=color, marker=marker, label=f"{label}: chosen")
+        ax.plot(steps, rejected, color=color, marker=marker, ls="--", label=f"{label}: rejected")
     ax.set_xlabel("training step (iteration 1)")
-    ax.set_ylabel("log-prob of the response (batch mean)")
-    ax.set_title("Effect of the NLL term (seed %d)" % seed)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
+
+
+def figure_nll(runs: str, seed: int, out: str) -> None:
+    """The paper's Figure 2/3 in miniature: mean log-probs of the chosen and rejected responses in the training
+    batches over iteration 1's steps, IRPO (DPO + NLL) against DPO without NLL (same pairs: same M_0 and seed)."""
+    series = []
+    for name, color, label in (("irpo", "C0", "DPO + NLL (IRPO)"), ("dpo", "C3", "DPO")):
+        rows = _train_metrics(workdir(runs, name, seed), 1)
+        series.append((label, color, [r["step"] for r in rows], [r["logps/chosen"] for r in rows],
+                       [r["logps/rejected"] for r in rows]))
+    plot_chosen_rejected(series, "log-prob of the response (batch mean)", "Effect of the NLL term (seed %d)" % seed, out)
 
 
 def pair_logps_over_training(pairs_path: str, train_dir: str, limit: int = 256) -> tuple[list[int], np.ndarray]:
@@ -141,26 +149,13 @@ def figure_sft(runs: str, seed: int, out: str) -> dict:
     """The paper's Figure 3/4 in miniature: IRPO's iteration-1 pairs scored under every export of iteration 1 of
     STaR (SFT on its own correct samples) and of IRPO: SFT raises the rejected responses with the chosen ones,
     DPO + NLL pulls them apart. Returns the curves."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     pairs = os.path.join(workdir(runs, "irpo", seed), "iter1", "pairs.jsonl")
     curves = {name: pair_logps_over_training(pairs, os.path.join(workdir(runs, name, seed), "iter1", "train"))
               for name in ("irpo", "star")}
-    fig = Figure(figsize=(6.4, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for (name, (steps, m)), color in zip(curves.items(), ("C0", "C2")):
-        label = "DPO + NLL (IRPO)" if name == "irpo" else "SFT on own correct samples (STaR)"
-        ax.plot(steps, m[:, 0], color=color, marker="o", label=f"{label}: chosen")
-        ax.plot(steps, m[:, 1], color=color, marker="o", ls="--", label=f"{label}: rejected")
-    ax.set_xlabel("training step (iteration 1)")
-    ax.set_ylabel("mean log-prob of IRPO's iteration-1 pairs")
-    ax.set_title("Chosen and rejected under SFT vs DPO + NLL (seed %d)" % seed)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
+    labels = {"irpo": ("DPO + NLL (IRPO)", "C0"), "star": ("SFT on own correct samples (STaR)", "C2")}
+    plot_chosen_rejected([(*labels[name], steps, m[:, 0], m[:, 1]) for name, (steps, m) in curves.items()],
+                         "mean log-prob of IRPO's iteration-1 pairs",
+                         "Chosen and rejected under SFT vs DPO + NLL (seed %d)" % seed, out, marker="o")
     return {name: {"steps": steps, "chosen": m[:, 0].round(3).tolist(), "rejected": m[:, 1].round(3).tolist()}
             for name, (steps, m) in curves.items()}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -26,6 +25,7 @@ import pytest
 import torch
 import transformers
 
+from fake_devices import sharded_check
 import rpo.models as M
 from rpo import losses, sampling, sharding, train
 from rpo.data.synthetic import char_tokenizer
@@ -298,13 +298,7 @@ def _sharded_check() -> dict:
 
 
 def test_sharded_grpo_step_equals_one_device_step():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), "--sharded-check"], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    r = sharded_check(__file__)
     assert r["devices"] == 8 and r["2x2x2"]["q_spec"] == "P(None, 'fsdp', 'tensor', None)"
     one, eight = r["1x1x1"], r["2x2x2"]
     for key, value in one["metrics"].items():

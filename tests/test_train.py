@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+from fake_devices import sharded_check
 from rpo import losses
 from rpo import train as T
 from rpo.models import ModelConfig, init_params
@@ -247,12 +247,7 @@ def _sharded_check() -> dict:
 
 
 def test_sharded_step_equals_one_device_step():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--sharded-check"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = sharded_check(__file__)
     assert result["devices"] == 8
     for shape in MESHES:
         r = result["x".join(map(str, shape))]
