@@ -27,9 +27,12 @@ import os
 
 import ml_collections
 
+from rpo import configlib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M0 = os.path.join(ROOT, "experiments", "models", "arith_m0")
 BASELINES = ("irpo", "sft_gold", "star", "dpo", "zero_shot")
+VARIANTS = ("baseline", "quick", "sweep", "workdir")  # get_config and get_sweep get the same argument
 
 
 def _phase(kind: str, steps: int, lr: float, warmup: int, batch: int, *, beta=0.1, alpha=1.0) -> ml_collections.ConfigDict:
@@ -45,7 +48,7 @@ def _phase(kind: str, steps: int, lr: float, warmup: int, batch: int, *, beta=0.
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
+    opts = configlib.variants(arg, VARIANTS, "configs/arith_tiny.py")
     baseline = opts.get("baseline", "irpo")
     if baseline not in BASELINES:
         raise ValueError(f"--config variant baseline={baseline!r}: use one of {BASELINES}")
@@ -147,7 +150,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     """
     from rpo.sweep import product
 
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
+    opts = configlib.variants(arg, VARIANTS, "configs/arith_tiny.py")
     if "quick" in opts:
         return product({"train.loss.beta": (0.1, 0.5)})
     probe = {"irpo.iterations": 1, "eval.maj_k": 2}  # the probes compare greedy accuracy: maj@k is for the table

@@ -8,9 +8,9 @@ sampling budget.
 
 Everything IRPO's default fixes is taken from configs/arith_tiny.py (loaded by path): the task and its splits, M_0
 (model.path), the held-out problems and checkpoint selection (select.*), the evaluation (eval.*), the mesh. The
-sampling budget is IRPO's: an IRPO iteration samples irpo.samples_per_prompt completions of every training
-prompt, so a GRPO iteration runs (training prompts x samples_per_prompt) / (prompts_per_step x group_size) steps,
-with group_size = samples_per_prompt, and there are as many iterations; each ends, as in IRPO, by keeping the
+sampling budget is IRPO's: an IRPO iteration samples irpo.samples_per_prompt completions of each of its
+irpo.prompts_per_iteration prompts, so a GRPO iteration runs (prompts_per_iteration x samples_per_prompt) /
+(prompts_per_step x group_size) steps, with group_size = samples_per_prompt, and there are as many iterations; each ends, as in IRPO, by keeping the
 export best on the held-out problems. The GRPO defaults are DeepSeekMath's (clip 0.2, one update per batch of
 rollouts, per-sequence normalisation, std-scaled advantages) except the KL term: beta = 0, as DAPO and Dr. GRPO
 run, which spares the reference forward and lets zero-advantage samples skip the train pass (on 2 CPU cores the
@@ -27,34 +27,34 @@ import os
 
 import ml_collections
 
+from rpo import configlib
 from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
-    unknown = sorted(set(opts) - {"quick", "normalization", "beta", "workdir"})
-    if unknown:
-        raise ValueError(f"configs/grpo_tiny.py: unknown variant(s) {unknown}; known: quick, normalization, beta, "
-                         f"workdir")
+    opts = configlib.variants(arg, ("quick", "normalization", "beta", "workdir"), "configs/grpo_tiny.py")
     quick = "quick" in opts
     c = load_module(os.path.join(HERE, "arith_tiny.py")).get_config("quick" if quick else None)
     c.mode = "grpo"
     c.workdir = opts.get("workdir", "runs/grpo_tiny" + ("-quick" if quick else ""))
     i = c.irpo
     group = i.samples_per_prompt
-    prompts_per_step = 8 if quick else 32
-    train_prompts = c.task.num_train - c.select.heldout
+    prompts_per_step = 8 if quick else 25
+    train_prompts = min(i.prompts_per_iteration or c.task.num_train, c.task.num_train - c.select.heldout)
     budget = train_prompts * i.samples_per_prompt  # IRPO's samples per iteration
     if budget % (prompts_per_step * group):
         raise ValueError(f"configs/grpo_tiny.py: IRPO's {budget} samples per iteration are not a whole number of "
                          f"GRPO steps of {prompts_per_step} x {group}")
     optim = ml_collections.ConfigDict(c.train.optim.to_dict())
     optim.update(schedule="constant", warmup_steps=2 if quick else 10)
+    steps = budget // (prompts_per_step * group)
+    if not quick:  # as many candidate exports per iteration as IRPO's (every 25 of 50 steps): every 10 of 20
+        c.select.every = steps // 2
     c.grpo = ml_collections.ConfigDict(dict(
         iterations=i.iterations,
-        steps_per_iteration=budget // (prompts_per_step * group),
+        steps_per_iteration=steps,
         prompts_per_step=prompts_per_step,
         group_size=group,  # G
         temperature=1.0, top_p=1.0, top_k=0,  # the policy's own distribution

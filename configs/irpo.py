@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from rpo import configlib
+
 PAPER = {  # task -> N, temperatures, K, iterations, max steps per iteration, eval tokens
     "gsm8k": dict(n=30, temperatures=(0.8, 0.8, 1.3, 1.3), k=10, iterations=4, steps=5000, max_new_tokens=512),
     "arc": dict(n=30, temperatures=(0.8, 0.8, 1.3), k=20, iterations=3, steps=4000, max_new_tokens=512),
@@ -26,7 +28,8 @@ PAPER = {  # task -> N, temperatures, K, iterations, max steps per iteration, ev
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
+    opts = configlib.variants(
+        arg, ("task", "baseline", "model", "data", "chat", "runlocal", "workdir"), "configs/irpo.py")
     task = opts.get("task", "gsm8k")
     if task not in PAPER:
         raise ValueError(f"--config variant task={task!r}: use one of {sorted(PAPER)}")

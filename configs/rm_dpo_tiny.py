@@ -19,6 +19,7 @@ import os
 
 import ml_collections
 
+from rpo import configlib
 from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,11 +46,7 @@ def rm_dpo_blocks(opts: dict, quick: bool) -> tuple[ml_collections.ConfigDict, m
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
-    unknown = sorted(set(opts) - {"model", "rm", "prompts", "quick", "workdir"})
-    if unknown:
-        raise ValueError(f"configs/rm_dpo_tiny.py: unknown variant(s) {unknown}; known: model, rm, prompts, quick, "
-                         f"workdir")
+    opts = configlib.variants(arg, ("model", "rm", "prompts", "quick", "workdir"), "configs/rm_dpo_tiny.py")
     quick = "quick" in opts
     c = load_module(os.path.join(HERE, "arith_tiny.py")).get_config("quick" if quick else None)
     c.mode = "rm_dpo"

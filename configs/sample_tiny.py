@@ -8,10 +8,12 @@ Llama), sample completions for token-id prompts and write them to <workdir>/samp
 
 import ml_collections
 
+from rpo import configlib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """arg: optional "model=<HF directory>" to sample from a real checkpoint."""
-    args = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+    args = configlib.variants(arg, ("model",), "configs/sample_tiny.py")
 
     c = ml_collections.ConfigDict()
     c.mode = "sample"

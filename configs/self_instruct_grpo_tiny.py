@@ -19,17 +19,14 @@ import os
 
 import ml_collections
 
+from rpo import configlib
 from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
-    unknown = sorted(set(opts) - {"quick", "filter", "workdir"})
-    if unknown:
-        raise ValueError(f"configs/self_instruct_grpo_tiny.py: unknown variant(s) {unknown}; known: quick, filter, "
-                         f"workdir")
+    opts = configlib.variants(arg, ("quick", "filter", "workdir"), "configs/self_instruct_grpo_tiny.py")
     quick = "quick" in opts
     variants = (["quick"] if quick else []) + ([f"filter={opts['filter']}"] if "filter" in opts else [])
     c = load_module(os.path.join(HERE, "self_instruct_tiny.py")).get_config(",".join(variants))

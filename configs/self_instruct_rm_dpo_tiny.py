@@ -22,6 +22,7 @@ import os
 
 import ml_collections
 
+from rpo import configlib
 from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,10 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     me = os.path.abspath(__file__)
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
-    unknown = sorted(set(opts) - {"model", "rm", "seeds", "quick", "chat", "workdir"})
-    if unknown:
-        raise ValueError(f"{me}: unknown variant(s) {unknown}; known: model, rm, seeds, quick, chat, workdir")
+    opts = configlib.variants(arg, ("model", "rm", "seeds", "quick", "chat", "workdir"), me)
     for key, what in (("model", "an instruction model's HF directory"), ("rm", "a reward model's HF directory"),
                       ("seeds", "a JSONL of seed instructions")):
         if not opts.get(key):

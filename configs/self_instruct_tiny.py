@@ -23,6 +23,7 @@ import os
 
 import ml_collections
 
+from rpo import configlib
 from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
+    opts = configlib.variants(arg, ("quick", "filter", "irpo", "method", "workdir"), "configs/self_instruct_tiny.py")
     arith_tiny = load_module(os.path.join(HERE, "arith_tiny.py"))  # config files are not a package
     c = arith_tiny.get_config("quick" if "quick" in opts else None)
     c.mode = "self_instruct"

@@ -35,6 +35,7 @@ import os
 
 import ml_collections
 
+from rpo import configlib
 from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     job = words[0] if words and "=" not in words[0] else ""
     if job not in JOBS:
         raise ValueError(f"--config=configs/smollm2.py:<job>,...: the first word must be one of {JOBS}, got {job!r}")
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in words[1:])
+    opts = configlib.variants(",".join(words[1:]), ("model", "data", "baseline", "runlocal", "then_irpo", "workdir"),
+                              f"configs/smollm2.py:{job}")
     local = "runlocal" in opts
     path = model_path(opts)
     if job == "sample":

@@ -19,6 +19,8 @@ import os
 
 import ml_collections
 
+from rpo import configlib
+
 
 def _tiny_pairs(path: str, n: int = 32, vocab: int = 64, seed: int = 0) -> None:
     """Random pairs whose chosen and rejected responses share all tokens but two."""
@@ -38,7 +40,7 @@ def _tiny_pairs(path: str, n: int = 32, vocab: int = 64, seed: int = 0) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
+    opts = configlib.variants(arg, ("make_data", "steps", "alpha", "sft", "workdir"), "configs/train_tiny.py")
     c = ml_collections.ConfigDict()
     c.mode = "train"
     c.workdir = opts.get("workdir", "runs/train_tiny")

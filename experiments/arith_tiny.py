@@ -3,15 +3,16 @@
 From one M_0 (experiments/models/arith_m0/, never trained on the task's problems) and the task's fixed training
 set, every method runs `python -m rpo.main --config=configs/arith_tiny.py[:baseline=...] --config.seed=S` for each
 seed: Iterative RPO (DPO + NLL), SFT on the gold solutions, STaR (SFT on its own correct samples), DPO without the
-NLL term; each with the same prompts, iterations and steps per iteration, and each iteration's model selected the
-same way (the export best on the held-out training problems). Zero-shot is M_0 itself. Writes
+NLL term, each with the same prompts, iterations and steps per iteration; and GRPO (configs/grpo_tiny.py) with
+IRPO's sampling budget per iteration. Each iteration's model is selected the same way (the export best on the
+held-out training problems). Zero-shot is M_0 itself. Writes
 experiments/results/arith_tiny.md: per method and iteration, greedy accuracy and maj@k on the test split as the
 mean over seeds with a 95% t-interval, the paired difference to IRPO, winner precision; then the same rows in the
 layout of the paper's Table 1; and the paper's Figures 2-4 in miniature (PNG files beside it):
   arith_tiny_fig_nll.png   log-probs of chosen and rejected over training: IRPO (DPO + NLL) vs DPO without NLL
   arith_tiny_fig_sft.png   the same pairs under STaR's training (SFT on chosen-like samples) vs IRPO's
 
-  python experiments/arith_tiny.py [--runs runs/table] [--seeds 0,1,2] [--only irpo,sft_gold,star,dpo]
+  python experiments/arith_tiny.py [--runs runs/table] [--seeds 0,1,2] [--only irpo,sft_gold,star,dpo,grpo]
 
 Each run resumes when interrupted (rerun this script); a baseline reuses the IRPO run's evaluation of M_0 for the
 same seed (the same computation), so M_0 is evaluated once per seed.
@@ -35,16 +36,19 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "experiments", "results")
-METHODS = {  # name -> (config variant, what it is)
-    "irpo": ("", "Iterative RPO: DPO + NLL on (correct, incorrect) pairs of its own samples"),
-    "sft_gold": ("baseline=sft_gold", "SFT on the gold solutions (a human's style)"),
-    "star": ("baseline=star", "STaR: SFT on its own correct samples"),
-    "dpo": ("baseline=dpo", "DPO without the NLL term (alpha = 0)"),
+METHODS = {  # name -> (config file and variant, what it is)
+    "irpo": ("configs/arith_tiny.py", "Iterative RPO: DPO + NLL on (correct, incorrect) pairs of its own samples"),
+    "sft_gold": ("configs/arith_tiny.py:baseline=sft_gold", "SFT on the gold solutions (a human's style)"),
+    "star": ("configs/arith_tiny.py:baseline=star", "STaR: SFT on its own correct samples"),
+    "dpo": ("configs/arith_tiny.py:baseline=dpo", "DPO without the NLL term (alpha = 0)"),
+    "grpo": ("configs/grpo_tiny.py", "GRPO (rpo/grpo.py) at IRPO's sampling budget: per iteration as many "
+             "samples (prompts_per_iteration x N, in groups of N) and as many candidate exports for selection"),
 }
 # The paper's Table 1 (Pang et al. 2024): Llama-2-70B-Chat, GSM8K test, greedy accuracy in %.
 PAPER_GSM8K = {"zero_shot": 55.6, "sft_gold": 63.5, "star": 65.2, "dpo": 61.8, "irpo": (73.1, 78.0, 81.1, 81.6)}
 PAPER_GSM8K_MAJ32 = 88.7  # Iterative RPO iteration 4, majority vote over 32 samples
-TABLE1_NAMES = {"sft_gold": "SFT on gold", "star": "STaR", "dpo": "DPO without NLL"}
+TABLE1_NAMES = {"sft_gold": "SFT on gold", "star": "STaR", "dpo": "DPO without NLL",
+                "grpo": "GRPO at IRPO's sampling budget (not in the paper)"}
 
 
 def workdir(runs: str, name: str, seed: int) -> str:
@@ -52,13 +56,13 @@ def workdir(runs: str, name: str, seed: int) -> str:
 
 
 def run(name: str, runs: str, seed: int) -> list[dict]:
-    variant, _ = METHODS[name]
+    config, _ = METHODS[name]
     wd = workdir(runs, name, seed)
     if name != "irpo":  # M_0's evaluation for this seed is the IRPO run's, computed once
         src, dst = os.path.join(workdir(runs, "irpo", seed), "iter0"), os.path.join(wd, "iter0")
         if not os.path.exists(os.path.join(dst, "eval.json")):
             shutil.copytree(src, dst, dirs_exist_ok=True)
-    cmd = [sys.executable, "-m", "rpo.main", f"--config=configs/arith_tiny.py{':' + variant if variant else ''}",
+    cmd = [sys.executable, "-m", "rpo.main", f"--config={config}",
            f"--workdir={wd}", f"--config.seed={seed}"]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.time()
@@ -160,6 +164,11 @@ def figure_sft(runs: str, seed: int, out: str) -> dict:
             for name, (steps, m) in curves.items()}
 
 
+def steps(row: dict) -> int:
+    """Train steps behind a results row: IRPO and its baselines count train_steps, GRPO grpo_steps."""
+    return row["train_steps"] if "train_steps" in row else row["grpo_steps"]
+
+
 def table(results: dict[str, dict[int, list[dict]]], seeds: list[int], k: int, n_test: int) -> list[str]:
     """Per method and iteration: mean ± 95% interval over seeds, and the paired difference to IRPO."""
     lines = [
@@ -181,7 +190,7 @@ def table(results: dict[str, dict[int, list[dict]]], seeds: list[int], k: int, n
             lines.append(
                 f"| {name} | {t} | {fmt([r['greedy_accuracy'] for r in rows])} | {fmt([r['maj_accuracy'] for r in rows])}"
                 f" | {diff} | {fmt(prec) if prec else '-'} | {', '.join(str(r['selected_step']) for r in rows)} "
-                f"| {fmt([r['train_steps'] - results[name][s][0]['train_steps'] for s, r in zip(seeds, rows)], 1.0)} |")
+                f"| {fmt([steps(r) - steps(results[name][s][0]) for s, r in zip(seeds, rows)], 1.0)} |")
     lines += ["", f"Greedy and maj@{k} accuracy on the {n_test} test problems, mean over seeds {seeds} ± the half-width "
               f"of the 95% t-interval over seeds (t with {len(seeds) - 1} degrees of freedom); one run's binomial "
               f"standard error on {n_test} problems is at most {50 / math.sqrt(n_test):.1f} points. 'IRPO minus this' is "
@@ -214,7 +223,7 @@ def table1(results: dict[str, dict[int, list[dict]]], seeds: list[int], k: int) 
         if name in results:
             last = len(results[name][seeds[0]]) - 1
             lines.append(row(f"{label} (iteration {last})", [results[name][s][last] for s in seeds],
-                             f"{PAPER_GSM8K[name]}%"))
+                             f"{PAPER_GSM8K[name]}%" if name in PAPER_GSM8K else "-"))
     for t in range(1, len(results["irpo"][seeds[0]])):
         paper = f"{PAPER_GSM8K['irpo'][t - 1]}%" if t <= len(PAPER_GSM8K["irpo"]) else "-"
         lines.append(row(f"Iterative RPO, iteration {t}", [results["irpo"][s][t] for s in seeds], paper))

@@ -22,6 +22,8 @@ import os
 
 import ml_collections
 
+from rpo.configlib import ConfigError
+
 THEN = ("grpo", "rm_dpo")
 
 
@@ -32,13 +34,13 @@ def chained(cfg) -> bool:
 
 def check_config(cfg) -> None:
     if cfg.chain.then not in THEN:
-        raise ValueError(f"config field chain.then: {cfg.chain.then!r} is not one of {THEN}")
+        raise ConfigError(f"config field chain.then: {cfg.chain.then!r} is not one of {THEN}")
     if cfg.synth.then_irpo:
-        raise ValueError("config fields synth.then_irpo and chain.then: chain one method after the synthesis, not two")
+        raise ConfigError("config fields synth.then_irpo and chain.then: chain one method after the synthesis, not two")
     if cfg.chain.then == "rm_dpo" and cfg.synth.kind != "instruction":
-        raise ValueError(f"config field chain.then='rm_dpo' trains on instructions: synth.kind is {cfg.synth.kind!r}")
+        raise ConfigError(f"config field chain.then='rm_dpo' trains on instructions: synth.kind is {cfg.synth.kind!r}")
     if cfg.chain.then == "grpo" and cfg.synth.kind != "verifiable":
-        raise ValueError(f"config field chain.then='grpo' needs answers to reward: synth.kind is {cfg.synth.kind!r}")
+        raise ConfigError(f"config field chain.then='grpo' needs answers to reward: synth.kind is {cfg.synth.kind!r}")
 
 
 def synthesis_model(cfg, workdir: str) -> str:

@@ -61,6 +61,7 @@ import ml_collections
 import numpy as np
 
 from rpo import files, irpo
+from rpo.configlib import ConfigError, bad
 
 CONFIG_NAME = "grpo_config.json"
 REFERENCES = ("initial", "previous")
@@ -85,9 +86,6 @@ def _log(msg: str) -> None:
 
 def check_config(cfg) -> None:
     from rpo import losses
-
-    def bad(field, why):
-        raise ValueError(f"config field {field}: {why}")
 
     g = cfg.grpo
     for field in ("iterations", "steps_per_iteration", "prompts_per_step", "max_new_tokens", "mu", "chunk_prompts"):
@@ -265,11 +263,11 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
     micro = rows_per_step // tc.grad_accum
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if micro % shards:
-        raise ValueError(f"config fields grpo.prompts_per_step x group_size / grpo.train.grad_accum = {micro}: the "
+        raise ConfigError(f"config fields grpo.prompts_per_step x group_size / grpo.train.grad_accum = {micro}: the "
                          f"micro-batch does not split over the mesh's data x fsdp = {shards} devices")
     longest = max(len(r["prompt_ids"]) for r in rows)
     if longest + g.max_new_tokens > cfg.seq_len:
-        raise ValueError(f"config field seq_len={cfg.seq_len}: a prompt of {longest} tokens + grpo.max_new_tokens="
+        raise ConfigError(f"config field seq_len={cfg.seq_len}: a prompt of {longest} tokens + grpo.max_new_tokens="
                          f"{g.max_new_tokens} does not fit")
     eos = sorted(set(model_config.eos_token_ids) | ({tokenizer.eos_token_id} - {None}))
     if not eos:
@@ -464,7 +462,7 @@ def warm_start(cfg, models, data, tokenizer, workdir: str) -> str:
         gold = [{"prompt_ids": r["prompt_ids"], "response_ids": r["target_ids"], "uid": r["uid"]}
                 for r in data["train"] if "target_ids" in r]
         if not gold:
-            raise ValueError(f"config field seq_len={cfg.seq_len}: no train prompt has a gold response that fits with "
+            raise ConfigError(f"config field seq_len={cfg.seq_len}: no train prompt has a gold response that fits with "
                              f"it (see data/train_stats.json); the warm start has nothing to train on")
         files.write_jsonl(sft_path, gold)
     return irpo.train_phase(cfg, cfg.init, models, model_path=cfg.model.path, train_path=sft_path, kind="sft",
@@ -485,7 +483,7 @@ def run(cfg, workdir: str, *, reward_fn: Callable | None = None,
     task = get_task(cfg.task)
     tokenizer = irpo.task_tokenizer(cfg, task)
     if not cfg.model.path and len(tokenizer) > cfg.model.random.vocab_size:
-        raise ValueError(f"config field model.random.vocab_size: {cfg.model.random.vocab_size} < the tokenizer's "
+        raise ConfigError(f"config field model.random.vocab_size: {cfg.model.random.vocab_size} < the tokenizer's "
                          f"{len(tokenizer)} tokens")
     models = irpo.Models(cfg)
     data = irpo.prepare_data(_data_config(cfg), task, tokenizer, workdir, irpo.context_length(cfg))

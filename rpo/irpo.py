@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from rpo import files, sharding
+from rpo.configlib import ConfigError, bad
 
 DONE = "done.json"  # a training phase's marker: its final/ model and tokenizer are complete
 
@@ -62,9 +63,6 @@ _MUTABLE = ("irpo.iterations", "irpo.temperatures", "workdir")
 
 
 def check_config(cfg) -> None:
-    def bad(field, why):
-        raise ValueError(f"config field {field}: {why}")
-
     i = cfg.irpo
     if i.method not in METHODS:
         bad("irpo.method", f"{i.method!r} is not one of {METHODS}")
@@ -153,12 +151,16 @@ def task_tokenizer(cfg, task):
 
     path = cfg.tokenizer or cfg.model.path
     if path:
+        if not os.path.isdir(path):
+            field = "tokenizer" if cfg.tokenizer else "model.path"
+            raise ConfigError(f"config field {field}: {path}: no such directory (an HF model directory; nothing is "
+                             "downloaded from the Hub)")
         return load_tokenizer(path)
     if task.name == "arith":
         from rpo.data.synthetic import char_tokenizer
 
         return char_tokenizer()
-    raise ValueError("config field tokenizer: empty, and model.path is empty too: name an HF directory")
+    raise ConfigError("config field tokenizer: empty, and model.path is empty too: name an HF directory")
 
 
 def prompt_text(cfg, task, tokenizer, example) -> str:
@@ -169,7 +171,7 @@ def chat_wrap(cfg, tokenizer, text: str) -> str:
     """text as the user's turn of the tokenizer's chat template when data.chat_template is set."""
     if cfg.data.chat_template:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("config field data.chat_template: the tokenizer has no chat template")
+            raise ConfigError("config field data.chat_template: the tokenizer has no chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return text
@@ -239,7 +241,7 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
         if split == "train":
             h = cfg.select.heldout
             if h and h >= len(rows):
-                raise ValueError(f"config field select.heldout={h}: the train split has only {len(rows)} usable rows")
+                raise ConfigError(f"config field select.heldout={h}: the train split has only {len(rows)} usable rows")
             rows, out["heldout"] = (rows[:-h], rows[-h:]) if h else (rows, [])
             files.write_jsonl(held, out["heldout"])  # before train.jsonl, whose presence marks the split done
         if not rows:
@@ -261,7 +263,7 @@ def load_prompts_file(path: str) -> list:
     from rpo.data import Example
 
     if not os.path.isfile(path):
-        raise ValueError(f"config field task.train_file: {path} does not exist")
+        raise ConfigError(f"config field task.train_file: {path} does not exist")
     out = []
     for n, obj in files.jsonl_rows(path):
         for field in ("question", "answer"):
@@ -270,7 +272,7 @@ def load_prompts_file(path: str) -> list:
         out.append(Example(str(obj.get("uid", f"{os.path.basename(path)}/{n}")), obj["question"], obj["answer"],
                            str(obj.get("solution", "")), category=str(obj.get("category", ""))))
     if not out:
-        raise ValueError(f"config field task.train_file: {path} has no rows")
+        raise ConfigError(f"config field task.train_file: {path} has no rows")
     return out
 
 
@@ -621,7 +623,7 @@ def run(cfg, workdir: str) -> list[dict]:
     tokenizer = task_tokenizer(cfg, task)
     models = Models(cfg)
     if not cfg.model.path and len(tokenizer) > cfg.model.random.vocab_size:
-        raise ValueError(f"config field model.random.vocab_size: {cfg.model.random.vocab_size} < the tokenizer's "
+        raise ConfigError(f"config field model.random.vocab_size: {cfg.model.random.vocab_size} < the tokenizer's "
                          f"{len(tokenizer)} tokens")
     context = context_length(cfg)
     data = prepare_data(cfg, task, tokenizer, workdir, context)
@@ -641,7 +643,7 @@ def run(cfg, workdir: str) -> list[dict]:
                 gold = [{"prompt_ids": r["prompt_ids"], "response_ids": r["target_ids"], "uid": r["uid"]}
                         for r in data["train"] if "target_ids" in r]
                 if not gold:
-                    raise ValueError(f"config field seq_len={cfg.seq_len}: no train prompt has a gold response "
+                    raise ConfigError(f"config field seq_len={cfg.seq_len}: no train prompt has a gold response "
                                      f"that fits with it (see data/train_stats.json); the warm start has nothing "
                                      f"to train on")
                 files.write_jsonl(sft_path, gold)
@@ -685,7 +687,7 @@ def context_length(cfg) -> int:
     """seq_len, checked against the model's own context."""
     limit, where = model_context(cfg)
     if cfg.seq_len > limit:
-        raise ValueError(f"config field seq_len={cfg.seq_len}: longer than the model's context ({limit}, {where})")
+        raise ConfigError(f"config field seq_len={cfg.seq_len}: longer than the model's context ({limit}, {where})")
     return cfg.seq_len
 
 

@@ -7,16 +7,64 @@ Without --config it runs configs/arith_tiny.py (Iterative RPO on the synthetic t
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import time
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rpo import distributed, files
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arith_tiny.py")
+
+
+def _field_paths(node, prefix=()):
+    for k, v in node.items():
+        yield prefix + (k,)
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _field_paths(v, prefix + (k,))
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """The one-line error for a `--config.<field>` override that names no field of the config (ml_collections
+    would end in a 20-line traceback whose last line is `AttributeError: "'bta'"`), or None."""
+    spec, names, args = _DEFAULT_CONFIG, [], iter(argv[1:])
+    for a in args:
+        if a == "--config":
+            spec = next(args, spec)
+        elif a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a.startswith("--config."):
+            names.append(a[len("--config."):].split("=", 1)[0])
+    if not names:
+        return None
+    path, _, arg = spec.partition(":")
+    try:
+        config = files.load_module(path).get_config(arg or None)
+    except Exception:  # noqa: BLE001 - a broken config file is reported by config_flags itself, with its traceback
+        return None
+    for name in names:
+        node, parts = config, name.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = ['.'.join(parts[:i] + [c]) for c in difflib.get_close_matches(part, keys, n=3)]
+                if not close:  # the name elsewhere in the config (irpo.bta -> train.loss.beta)
+                    paths = {p[-1]: [] for p in _field_paths(config)}
+                    for p in _field_paths(config):
+                        paths[p[-1]].append(".".join(p))
+                    close = [q for c in difflib.get_close_matches(part, list(paths), n=2) for q in paths[c]][:4]
+                hint = f"; did you mean {' or '.join(close)}?" if close else ""
+                return f"--config.{name}: {spec} declares no field {'.'.join(parts[:i + 1])}{hint}"
+            node = node[part]
+    return None
+
+
+if __name__ == "__main__" and (_error := check_overrides(sys.argv)) is not None:
+    sys.exit(f"rpo.main: {_error}")  # before the flag below parses the overrides
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<mode>-<time>).")
 
@@ -139,7 +187,17 @@ def main(argv) -> None:
     os.makedirs(workdir, exist_ok=True)
     with files.atomic_write(os.path.join(workdir, "config.json")) as f:
         f.write(config.to_json_best_effort(indent=2))
-    JOBS[config.mode](config, workdir)
+    from rpo.configlib import ConfigError
+    from rpo.models.config import UnsupportedConfigError
+    from rpo.models.safetensors_io import CheckpointError
+
+    try:
+        JOBS[config.mode](config, workdir)
+    except (ConfigError, files.DataError, CheckpointError, UnsupportedConfigError) as e:
+        if os.environ.get("RPO_TRACEBACK"):
+            raise
+        # A bad field, file, row or checkpoint, named in the message: one line, not a traceback.
+        sys.exit(f"rpo.main: {type(e).__name__}: {e} (RPO_TRACEBACK=1 shows the traceback)")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from rpo import files, irpo
+from rpo.configlib import ConfigError, bad
 
 CONFIG_NAME = "rm_dpo_config.json"
 
@@ -42,9 +43,6 @@ def _log(msg: str) -> None:
 
 
 def check_config(cfg) -> None:
-    def bad(field, why):
-        raise ValueError(f"config field {field}: {why}")
-
     r = cfg.rm_dpo
     if not r.reward_model:
         bad("rm_dpo.reward_model", "empty: name an HF *ForSequenceClassification directory")
@@ -74,7 +72,7 @@ def load_prompts(cfg, tokenizer, workdir: str, context: int) -> tuple[list[dict]
     if all(os.path.exists(p) for p in paths):
         return files.read_jsonl(paths[0]), files.read_jsonl(paths[1])
     if not os.path.isfile(r.prompts_file):
-        raise ValueError(f"config field rm_dpo.prompts_file: {r.prompts_file} does not exist")
+        raise ConfigError(f"config field rm_dpo.prompts_file: {r.prompts_file} does not exist")
     rows, skipped = [], []
     room = max(r.max_new_tokens, r.eval_max_new_tokens)
     for n, obj in files.jsonl_rows(r.prompts_file):
@@ -92,7 +90,7 @@ def load_prompts(cfg, tokenizer, workdir: str, context: int) -> tuple[list[dict]
             continue
         rows.append({"uid": uid, "question": q, "prompt": text, "prompt_ids": ids})
     if len(rows) <= r.eval_prompts:
-        raise ValueError(f"config field rm_dpo.eval_prompts={r.eval_prompts}: {r.prompts_file} has only {len(rows)} "
+        raise ConfigError(f"config field rm_dpo.eval_prompts={r.eval_prompts}: {r.prompts_file} has only {len(rows)} "
                          f"usable prompts")
     train, held = rows[: -r.eval_prompts], rows[-r.eval_prompts:]
     if skipped:

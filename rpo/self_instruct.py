@@ -57,7 +57,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from rpo import files, filters, irpo
+from rpo import configlib, files, filters, irpo
 
 KINDS = ("verifiable", "instruction")
 METHODS = ("cot", "self_instruct")
@@ -76,7 +76,7 @@ def check_config(cfg) -> None:
     s = cfg.synth
 
     def bad(field, why):
-        raise ValueError(f"config field synth.{field}: {why}")
+        configlib.bad(f"synth.{field}", why)
 
     if s.kind not in KINDS:
         bad("kind", f"{s.kind!r} is not one of {KINDS}")
@@ -102,7 +102,7 @@ def check_config(cfg) -> None:
     if s.filter == "answer_consistency" and s.num_solutions < 2:
         bad("num_solutions", "a majority of one solution is that solution: use >= 2")
     if not cfg.model.path and not cfg.init.num_steps:
-        raise ValueError("config field init.num_steps: 0 (no warm start) needs model.path: a random model "
+        raise configlib.ConfigError("config field init.num_steps: 0 (no warm start) needs model.path: a random model "
                          "cannot follow a template")
 
 
@@ -117,7 +117,7 @@ def load_seeds(cfg, task) -> list[dict]:
     s = cfg.synth
     if s.seeds_file:
         if not os.path.isfile(s.seeds_file):
-            raise ValueError(f"config field synth.seeds_file: {s.seeds_file} does not exist")
+            raise configlib.ConfigError(f"config field synth.seeds_file: {s.seeds_file} does not exist")
         seeds = []
         for n, obj in files.jsonl_rows(s.seeds_file):
             if not isinstance(obj.get("question"), str) or not obj["question"].strip():
@@ -130,7 +130,7 @@ def load_seeds(cfg, task) -> list[dict]:
     if s.max_seeds:
         seeds = seeds[: s.max_seeds]
     if len(seeds) < 2:
-        raise ValueError(f"config field synth.seeds_file / task: {len(seeds)} seed(s); a generation shows two")
+        raise configlib.ConfigError(f"config field synth.seeds_file / task: {len(seeds)} seed(s); a generation shows two")
     return seeds
 
 
@@ -295,7 +295,7 @@ def _order(uid: str) -> int:
 def _warm_start(cfg, task, tokenizer, seeds, synthesis_prompt, models, workdir) -> str:
     """M_0 for the laptop demo: SFT on the task's gold solutions plus synthesis-format demonstrations."""
     if not hasattr(task, "new_problem"):
-        raise ValueError(f"config field init.num_steps: the warm start writes demonstrations with task.new_problem, "
+        raise configlib.ConfigError(f"config field init.num_steps: the warm start writes demonstrations with task.new_problem, "
                          f"which task {task.name} does not have; set model.path to an instruction-following model")
     path = os.path.join(workdir, "init", "sft.jsonl")
     if not os.path.exists(path):
@@ -313,7 +313,7 @@ def _warm_start(cfg, task, tokenizer, seeds, synthesis_prompt, models, workdir) 
                          "response_ids": irpo.encode(tokenizer, response, False) + [tokenizer.eos_token_id]})
         too_long = [n for n, r in enumerate(rows) if len(r["prompt_ids"]) + len(r["response_ids"]) > cfg.seq_len]
         if too_long:
-            raise ValueError(f"config field seq_len={cfg.seq_len}: {len(too_long)} warm-start rows are longer "
+            raise configlib.ConfigError(f"config field seq_len={cfg.seq_len}: {len(too_long)} warm-start rows are longer "
                              f"(row {too_long[0]} of {path}); raise it or shorten synth.template")
         rng.shuffle(rows)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -69,6 +69,7 @@ import optax
 
 from rpo import checkpoint as ckpt
 from rpo import distributed, files, losses, report, sharding
+from rpo.configlib import bad
 from rpo.files import DataError
 from rpo.models.config import ModelConfig
 from rpo.models.decoder import Params, param_shapes
@@ -406,9 +407,6 @@ def add_reference_logps(
 
 
 def _check_config(cfg) -> None:
-    def bad(field, why):
-        raise ValueError(f"config field {field}: {why}")
-
     if cfg.loss.kind not in losses.LOSS_KINDS:
         bad("loss.kind", f"{cfg.loss.kind!r} is not one of {losses.LOSS_KINDS}")
     if (cfg.loss.kind == "sft") != (cfg.data.kind == "sft"):

@@ -41,3 +41,35 @@ def test_main_runs_a_training_phase(tmp_path):
     steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in steps if r.get("split", "train") == "train"][-1] == 3
     assert (tmp_path / "final" / "config.json").exists()
+
+
+def test_a_misspelled_override_is_one_line_naming_the_field_and_its_likely_spelling(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "rpo.main", "--config=configs/arith_tiny.py:quick", "--config.irpo.prompts_per_iteraton=3",
+         f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=600,  # a hang guard only
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "rpo.main: --config.irpo.prompts_per_iteraton: configs/arith_tiny.py:quick declares no field "
+        "irpo.prompts_per_iteraton; did you mean irpo.prompts_per_iteration?"]
+    assert not (tmp_path / "config.json").exists()  # nothing ran
+
+
+def test_a_misplaced_override_points_to_where_the_field_lives():
+    from rpo.main import check_overrides
+
+    error = check_overrides(["rpo.main", "--config=configs/arith_tiny.py", "--config.irpo.bta=0.1"])
+    assert error.endswith("declares no field irpo.bta; did you mean init.loss.beta or pretrain.phase.loss.beta or "
+                          "train.loss.beta?")
+    assert check_overrides(["rpo.main", "--config", "configs/arith_tiny.py", "--config.train.loss.beta=0.2"]) is None
+
+
+def test_a_missing_model_directory_is_named_as_such(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "rpo.main", "--config=configs/irpo.py:model=/nonexistent", f"--workdir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,  # a hang guard only
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "rpo.main: ConfigError: config field model.path: /nonexistent: no such directory (an HF model directory; "
+        "nothing is downloaded from the Hub) (RPO_TRACEBACK=1 shows the traceback)"]

@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol, Sequence
 
+from rpo.configlib import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -88,4 +90,4 @@ def get_task(cfg) -> Task:
         from rpo.data.arc import ARCTask
 
         return ARCTask(cfg)
-    raise ValueError(f"config field task.name: {name!r} is not one of 'arith', 'gsm8k', 'math', 'arc'")
+    raise ConfigError(f"config field task.name: {name!r} is not one of 'arith', 'gsm8k', 'math', 'arc'")

@@ -35,6 +35,7 @@ import random
 import re
 from typing import Sequence
 
+from rpo.configlib import ConfigError
 from rpo.data import Example, score_by_answer
 
 STYLES = ("prose", "equations")
@@ -80,7 +81,7 @@ class Problem:
         elif style == "prose":
             body = ", ".join(f"{a} {'x' if op == '*' else op} {b} = {c}" for a, op, b, c in self.steps) + "."
         else:
-            raise ValueError(f"config field task.style: {style!r} is not one of {STYLES}")
+            raise ConfigError(f"config field task.style: {style!r} is not one of {STYLES}")
         return f"{body} Final answer: {self.answer}"
 
 
@@ -133,15 +134,15 @@ class ArithTask:
     def __init__(self, cfg):
         for field in ("num_train", "num_test", "min_steps", "max_steps", "max_value"):
             if not isinstance(cfg[field], int) or cfg[field] < 1:
-                raise ValueError(f"config field task.{field}: must be a positive int, got {cfg[field]!r}")
+                raise ConfigError(f"config field task.{field}: must be a positive int, got {cfg[field]!r}")
         if cfg.min_steps > cfg.max_steps:
-            raise ValueError(f"config field task.min_steps: {cfg.min_steps} > task.max_steps={cfg.max_steps}")
+            raise ConfigError(f"config field task.min_steps: {cfg.min_steps} > task.max_steps={cfg.max_steps}")
         if not cfg.ops or set(cfg.ops) - set("+-*"):
-            raise ValueError(f"config field task.ops: {cfg.ops!r} must be a non-empty string of '+', '-', '*'")
+            raise ConfigError(f"config field task.ops: {cfg.ops!r} must be a non-empty string of '+', '-', '*'")
         if "+" not in cfg.ops or "-" not in cfg.ops or cfg.max_value < 6:
-            raise ValueError("config fields task.ops / task.max_value: need both '+' and '-', and max_value >= 6")
+            raise ConfigError("config fields task.ops / task.max_value: need both '+' and '-', and max_value >= 6")
         if cfg.style not in STYLES:
-            raise ValueError(f"config field task.style: {cfg.style!r} is not one of {STYLES}")
+            raise ConfigError(f"config field task.style: {cfg.style!r} is not one of {STYLES}")
         self.cfg = cfg
         self._splits: dict[str, list[Example]] = {}
 
@@ -158,7 +159,7 @@ class ArithTask:
                 seen.add(p.question)
                 out.append(p)
         if len(out) < count:
-            raise ValueError(f"config field task.num_{stream}: only {len(out)} distinct problems exist at these knobs")
+            raise ConfigError(f"config field task.num_{stream}: only {len(out)} distinct problems exist at these knobs")
         return out
 
     def load(self, split: str) -> list[Example]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from rpo import files
+from rpo.configlib import ConfigError
 
 # TFDS 4.9.10 imports the `importlib_resources` backport when preparing any packaged builder but declares it only
 # for Python < 3.9: requirements.txt pins it.
@@ -60,7 +61,7 @@ def data_dir(cfg) -> str | None:
 def source_dir(cfg) -> Path:
     """cfg.source_dir, checked to be a directory."""
     if not cfg.source_dir:
-        raise ValueError(f"config field task.source_dir is empty: set it to the directory of the {cfg.name} files")
+        raise ConfigError(f"config field task.source_dir is empty: set it to the directory of the {cfg.name} files")
     path = Path(cfg.source_dir).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such directory (config field task.source_dir)")
@@ -74,7 +75,7 @@ def missing(path: Path, what: str) -> FileNotFoundError:
 def max_examples(cfg) -> int:
     n = cfg.max_examples
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"config field task.max_examples: must be an int >= 0 (0 = all), got {n!r}")
+        raise ConfigError(f"config field task.max_examples: must be an int >= 0 (0 = all), got {n!r}")
     return n
 
 

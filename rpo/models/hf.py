@@ -249,6 +249,8 @@ def load_tokenizer(path: str):
     """The HF tokenizer (with its chat template) stored in an HF model directory."""
     from transformers import AutoTokenizer  # heavy; only when asked for
 
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such directory (an HF model directory; nothing is downloaded from the Hub)")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
