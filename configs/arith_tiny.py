@@ -35,16 +35,9 @@ BASELINES = ("irpo", "sft_gold", "star", "dpo", "zero_shot")
 VARIANTS = ("baseline", "quick", "sweep", "workdir")  # get_config and get_sweep get the same argument
 
 
-def _phase(kind: str, steps: int, lr: float, warmup: int, batch: int, *, beta=0.1, alpha=1.0) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        loss=ml_collections.ConfigDict(dict(kind=kind, beta=beta, alpha=alpha, label_smoothing=0.0, chunk_size=64)),
-        optim=ml_collections.ConfigDict(dict(
-            lr=lr, schedule="cosine", warmup_steps=warmup, end_lr_fraction=0.1, weight_decay=0.0, b1=0.9, b2=0.99,
-            eps=1e-8, clip_norm=1.0,
-        )),
-        batch_size=batch, grad_accum=1, num_steps=steps, remat=False, log_every=10, checkpoint_every=25,
-        keep_checkpoints=1, export_every=0,
-    ))
+def _phase(kind: str, steps: int, lr: float, warmup: int, batch: int) -> ml_collections.ConfigDict:
+    return configlib.phase(kind, steps, lr, batch_size=batch, warmup_steps=warmup, optimizer=dict(b2=0.99),
+                           export_every=0)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -106,11 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_new_tokens=64, maj_k=8, temperature=0.8, top_p=1.0, top_k=0, chunk_prompts=512,
     ))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding_rules = (
-        ("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
-        ("kv_heads", "tensor"), ("mlp", "tensor"), ("head_dim", None), ("layers", None),
-    )
+    c.mesh = configlib.mesh()
+    c.sharding_rules = configlib.sharding_rules()
 
     if baseline in ("sft_gold", "star"):
         c.irpo.method = baseline

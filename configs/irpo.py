@@ -49,18 +49,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(path=opts.get("model", ""), dtype="bfloat16", seed=0))
     c.seq_len = 2048 if task == "math" else 1024
 
-    def optim(lr):
-        return ml_collections.ConfigDict(dict(
-            lr=lr, schedule="constant", warmup_steps=100, end_lr_fraction=1.0, weight_decay=0.0, b1=0.9, b2=0.95,
-            eps=1e-8, clip_norm=1.0,
-        ))
-
     def phase(kind, steps, lr):
-        return ml_collections.ConfigDict(dict(
-            loss=ml_collections.ConfigDict(dict(kind=kind, beta=0.1, alpha=1.0, label_smoothing=0.0, chunk_size=256)),
-            optim=optim(lr), batch_size=16, grad_accum=4, num_steps=steps, remat=True, log_every=10,
-            checkpoint_every=250, keep_checkpoints=2,
-        ))
+        return configlib.phase(
+            kind, steps, lr, batch_size=16, warmup_steps=100, grad_accum=4, remat=True, checkpoint_every=250,
+            keep_checkpoints=2, loss_args=dict(chunk_size=256),
+            optimizer=dict(schedule="constant", end_lr_fraction=1.0, b2=0.95))
 
     c.init = phase("sft", 1, 7e-7)
     c.init.num_steps = 0  # M_0 is the checkpoint itself
@@ -74,11 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.select = ml_collections.ConfigDict(dict(every=500, heldout=1000))
     c.eval = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], maj_k=32 if task == "gsm8k" else 16,
                                             temperature=0.8, top_p=1.0, top_k=0, chunk_prompts=64))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.sharding_rules = (
-        ("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
-        ("kv_heads", "tensor"), ("mlp", "tensor"), ("head_dim", None), ("layers", None),
-    )
+    c.mesh = configlib.mesh(data=1, fsdp=-1)
+    c.sharding_rules = configlib.sharding_rules()
 
     if baseline in ("sft_gold", "star"):
         c.irpo.method = baseline

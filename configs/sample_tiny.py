@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = configlib.mesh()
 
     c.sample = ml_collections.ConfigDict()
     # Token-id prompts (a real run reads them from a task's data instead).

@@ -90,7 +90,7 @@ def _sample(opts, path, local):
     c.seed = 0
     c.workdir = opts.get("workdir", "runs/smollm2_sample")
     c.model = ml_collections.ConfigDict(dict(path=path, dtype="float32" if local else "bfloat16", seed=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = configlib.mesh()
     c.sample = ml_collections.ConfigDict(dict(
         prompts=tuple(tuple(p) for p in prompts), n=4 if local else 16, max_new_tokens=96 if local else 512,
         temperature=0.8, top_p=0.95, top_k=0,

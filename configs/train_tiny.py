@@ -64,23 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.truncate = False  # True cuts over-long responses instead of failing
     c.data.compute_ref = True  # compute missing reference log-probs with the initial model
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.kind = "sft" if sft else "dpo_nll"  # dpo_nll | dpo | ipo | sft
-    c.loss.beta = 0.1
-    c.loss.alpha = float(opts.get("alpha", 1.0))
-    c.loss.label_smoothing = 0.0
-    c.loss.chunk_size = 64  # sequence chunk of the vocabulary projection (memory B * C * V floats)
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-3
-    c.optim.schedule = "cosine"  # constant | linear | cosine (after warmup)
-    c.optim.warmup_steps = 2
-    c.optim.end_lr_fraction = 0.1
-    c.optim.weight_decay = 0.0
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.clip_norm = 1.0  # <= 0: no clipping
+    c.loss = configlib.loss("sft" if sft else "dpo_nll", alpha=float(opts.get("alpha", 1.0)))
+    c.optim = configlib.optim(1e-3, warmup_steps=2)
 
     c.batch_size = 8  # pairs per optimizer step
     c.grad_accum = 2  # micro-batches per step
@@ -88,11 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.remat = False
     c.seed = 0  # data order
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding_rules = (
-        ("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
-        ("kv_heads", "tensor"), ("mlp", "tensor"), ("head_dim", None), ("layers", None),
-    )
+    c.mesh = configlib.mesh()
+    c.sharding_rules = configlib.sharding_rules()
 
     c.log_every = 1
     c.eval_every = 10

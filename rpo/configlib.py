@@ -55,14 +55,14 @@ def loss(kind: str, *, beta: float = 0.1, alpha: float = 1.0, label_smoothing: f
 
 def phase(kind: str, steps: int, lr: float, *, batch_size: int, warmup_steps: int, optimizer: dict | None = None,
           loss_args: dict | None = None, grad_accum: int = 1, remat: bool = False, log_every: int = 10,
-          checkpoint_every: int = 25, keep_checkpoints: int = 1, export_every: int = 0) -> ml_collections.ConfigDict:
-    """A training phase (rpo.train.train_phase): `steps` optimizer steps of batch_size rows (grad_accum micro-
-    batches each), a checkpoint every checkpoint_every steps (the last keep_checkpoints kept), an HF export every
-    export_every (0: at the end only)."""
+          checkpoint_every: int = 25, keep_checkpoints: int = 1, **more) -> ml_collections.ConfigDict:
+    """A training phase (rpo.train's fields): `steps` optimizer steps of batch_size rows (grad_accum micro-batches
+    each), a checkpoint every checkpoint_every steps (the last keep_checkpoints kept); `more`: further fields (a
+    standalone phase's export_every; IRPO and GRPO set that one from select.every)."""
     return ml_collections.ConfigDict(dict(
         loss=loss(kind, **(loss_args or {})), optim=optim(lr, warmup_steps=warmup_steps, **(optimizer or {})),
         batch_size=batch_size, grad_accum=grad_accum, num_steps=steps, remat=remat, log_every=log_every,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, export_every=export_every,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, **more,
     ))
 
 
