@@ -2,15 +2,9 @@
 
   progress(...)     a tqdm bar on stderr, redrawn at most every 0.5 s on a terminal and every
                     30 s otherwise, so a log file gets a line per 30 s, not one per step.
-  EventWriter       TensorBoard event files written without TensorFlow or tensorboard: a
-                    TFRecord file (each record: uint64 length, masked crc32c of the length,
-                    the bytes, masked crc32c of the bytes; little-endian) of hand-encoded
-                    `Event` protobufs {1 wall_time double, 2 step int64, 3 file_version
-                    string, 5 summary {1 repeated value {1 tag string, 2 simple_value float}}}.
-                    The first event holds file_version "brain.Event:2". Scalars are stored as
-                    float32 (simple_value), as TensorBoard does.
   MetricsLog        one JSON object per line in a JSONL file (flushed per line), the same
-                    scalars in an EventWriter beside it.
+                    scalars as TensorBoard events beside it (tensorboardX's SummaryWriter: no
+                    TensorFlow needed; a file per writer, flushed per logged row).
   write_results     results.json: a JSON list of rows, one per iteration, written atomically.
   format_table      the same rows as a Markdown table.
   plot_results      a PNG of every *_accuracy column against the iteration (matplotlib Agg,
@@ -24,11 +18,10 @@ plot go through rpo.files (written by process 0, called by every process).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from typing import IO, Iterable, Mapping, Sequence
@@ -49,138 +42,23 @@ def progress(
                 dynamic_ncols=tty, ascii=not tty, disable=not distributed.is_main())
 
 
-# ---------------------------------------------------------------------------------------
-# TensorBoard event files
-# ---------------------------------------------------------------------------------------
-
-
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli polynomial, reflected
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked checksum: rotate right by 15 bits, add a constant."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 values take 10 bytes, two's complement
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _bytes_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _float32(value: float) -> bytes:
-    try:
-        return struct.pack("<f", value)
-    except OverflowError:  # beyond float32's range: infinity, as a float32 cast gives
-        return struct.pack("<f", math.copysign(math.inf, value))
-
-
-def encode_event(
-    step: int, wall_time: float, *, file_version: str = "", scalars: Mapping[str, float] | None = None
-) -> bytes:
-    """The protobuf bytes of one Event (see the module docstring for the fields)."""
-    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-    if file_version:
-        out += _bytes_field(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + _varint(2 << 3 | 5) + _float32(value))
-            for tag, value in scalars.items()
-        )
-        out += _bytes_field(5, values)
-    return out
-
-
-def tfrecord(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-class EventWriter:
-    """Scalars to logdir/events.out.tfevents.<time>.<host>.<pid>[.<n>] (a new file per writer).
-    On processes other than 0 it writes nothing and `path` is None."""
-
-    def __init__(self, logdir: str):
-        self.path, self._file = None, None
-        if not distributed.is_main():
-            return
-        os.makedirs(logdir, exist_ok=True)
-        base = os.path.join(logdir, f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}")
-        self.path, n = base, 0
-        while True:
-            try:
-                self._file = open(self.path, "xb")
-                break
-            except FileExistsError:
-                n += 1
-                self.path = f"{base}.{n}"
-        self._file.write(tfrecord(encode_event(0, time.time(), file_version="brain.Event:2")))
-        self._file.flush()
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.scalars({tag: value}, step)
-
-    def scalars(self, values: Mapping[str, float], step: int) -> None:
-        """One event holding every value (as float32), written and flushed at once."""
-        if not values or self._file is None:
-            return
-        values = {str(tag): float(value) for tag, value in values.items()}
-        self._file.write(tfrecord(encode_event(int(step), time.time(), scalars=values)))
-        self._file.flush()
-
-    def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self.flush()
-            self._file.close()
-
-    def __enter__(self) -> EventWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 class MetricsLog:
     """Rows {"step", "split", "time", **metrics} appended to a JSONL file and flushed per line
     (the format of rpo.train's metrics.jsonl), and the metrics as TensorBoard scalars tagged
     "<split>/<name>" in `logdir` (default: the JSONL file's directory). Process 0 only: elsewhere
     the metrics are checked and dropped."""
 
+    _writers = itertools.count()  # one event file per writer, even two in the same second and process
+
     def __init__(self, path: str, logdir: str | None = None):
         self.path = path
         self._file = open(path, "a") if distributed.is_main() else None
-        self.events = EventWriter(os.path.dirname(os.path.abspath(path)) if logdir is None else logdir)
+        self.events = None
+        if self._file is not None:
+            from tensorboardX import SummaryWriter  # imported on first use: protobuf is slow to import
+
+            self.events = SummaryWriter(os.path.dirname(os.path.abspath(path)) if logdir is None else logdir,
+                                        filename_suffix=f".{os.getpid()}.{next(self._writers)}")
 
     def log(self, step: int, metrics: Mapping[str, float], *, split: str = "train") -> None:
         values = {}
@@ -194,12 +72,14 @@ class MetricsLog:
         row = {"step": int(step), "split": split, "time": time.time(), **values}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        self.events.scalars({f"{split}/{name}": value for name, value in values.items()}, step)
+        for name, value in values.items():
+            self.events.add_scalar(f"{split}/{name}", value, int(step), walltime=row["time"])
+        self.events.flush()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        self.events.close()
+            self.events.close()
 
     def __enter__(self) -> MetricsLog:
         return self

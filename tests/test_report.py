@@ -1,6 +1,5 @@
-"""rpo.report: event files read back by TensorBoard's own loader and accumulator (a test-only
-dependency), crc32c against its published check value and TensorBoard's implementation, the
-JSONL log, results.json, the Markdown table, the PNG plot and the progress bar."""
+"""rpo.report: metrics read back by TensorBoard's own accumulator (a test-only dependency), the JSONL log,
+results.json, the Markdown table, the PNG plot and the progress bar."""
 
 from __future__ import annotations
 
@@ -8,15 +7,11 @@ import io
 import json
 import math
 import os
-import re
 
 import matplotlib.image
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as tb_crc
 
 from rpo import report
 
@@ -27,46 +22,31 @@ def _scalars(logdir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_crc32c_matches_the_check_value_and_tensorboard():
-    assert report.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720 family)
-    rng = np.random.default_rng(0)
-    for n in (0, 1, 7, 64, 1000):
-        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert report.crc32c(data) == tb_crc.crc32c(data)
-        assert report.masked_crc32c(data) == tb_crc.masked_crc32c(data)
-
-
-def test_event_file_reads_back_in_tensorboard(tmp_path):
+def test_event_values_read_back_in_tensorboard(tmp_path):
     values = {"loss": [(0, 2.5), (10, 0.1), (20, -3.75e-8)], "big": [(2**40, 1e30), (-3, 1e40)]}
-    with report.EventWriter(str(tmp_path)) as writer:
+    with report.MetricsLog(str(tmp_path / "m.jsonl")) as log:
         for step, value in values["loss"]:
-            writer.scalar("loss", value, step)
-        writer.scalars({"big": values["big"][0][1], "acc/greedy": 0.5}, values["big"][0][0])
-        writer.scalar("big", values["big"][1][1], values["big"][1][0])  # out of order: kept under brain.Event:2
-    name = os.path.basename(writer.path)
-    assert re.fullmatch(rf"events\.out\.tfevents\.\d{{10}}\.[^.]+.*\.{os.getpid()}", name), name
+            log.log(step, {"loss": value})
+        log.log(values["big"][0][0], {"big": values["big"][0][1], "greedy": 0.5}, split="eval")
+        log.log(values["big"][1][0], {"big": values["big"][1][1]}, split="eval")  # out of order: kept
     got = _scalars(tmp_path)
-    assert set(got) == {"loss", "big", "acc/greedy"}
-    for tag in ("loss", "big"):
-        assert [s for s, _ in got[tag]] == [s for s, _ in values[tag]]
+    assert set(got) == {"train/loss", "eval/big", "eval/greedy"}
+    for tag, key in (("train/loss", "loss"), ("eval/big", "big")):
+        assert [s for s, _ in got[tag]] == [s for s, _ in values[key]]
         with np.errstate(over="ignore"):  # 1e40 is past float32's range: inf
-            assert [v for _, v in got[tag]] == [float(np.float32(v)) for _, v in values[tag]]
-    assert got["acc/greedy"] == [(2**40, 0.5)] and math.isinf(got["big"][1][1])
-
-    events = [event_pb2.Event.FromString(r) for r in RawEventFileLoader(writer.path).Load()]
-    assert events[0].file_version == "brain.Event:2" and not events[0].HasField("summary")
-    assert len(events) == 1 + 3 + 1 + 1 and [len(e.summary.value) for e in events[1:]] == [1, 1, 1, 2, 1]
-    assert all(abs(e.wall_time - events[0].wall_time) < 60 for e in events)
+            assert [v for _, v in got[tag]] == [float(np.float32(v)) for _, v in values[key]]
+    assert got["eval/greedy"] == [(2**40, 0.5)] and math.isinf(got["eval/big"][1][1])
 
 
-def test_two_writers_never_share_a_file(tmp_path):
-    a, b = report.EventWriter(str(tmp_path)), report.EventWriter(str(tmp_path))
-    a.scalar("x", 1.0, 1)
-    b.scalar("x", 2.0, 2)
+def test_two_logs_in_one_directory_never_share_an_event_file(tmp_path):
+    a, b = report.MetricsLog(str(tmp_path / "a.jsonl")), report.MetricsLog(str(tmp_path / "b.jsonl"))
+    a.log(1, {"x": 1.0})
+    b.log(2, {"x": 2.0})
     a.close()
     b.close()
-    assert a.path != b.path and len(os.listdir(tmp_path)) == 2
-    assert sorted(_scalars(tmp_path)["x"]) == [(1, 1.0), (2, 2.0)]
+    events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents.")]
+    assert len(events) == 2
+    assert sorted(_scalars(tmp_path)["train/x"]) == [(1, 1.0), (2, 2.0)]
 
 
 def test_metrics_log_writes_jsonl_and_events(tmp_path):
