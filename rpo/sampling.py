@@ -12,7 +12,8 @@ How a batch is run:
    (`max(0, slot - pad)`), so padding does not shift them. A long run with varied prompt
    lengths therefore compiles a handful of times (one per (R, P) bucket), not once per batch.
 2. **Prefill once per prompt**: the R prompts run once through the decoder
-   (`decoder.hidden_states` with a P-slot cache; only the last position is unembedded), and
+   (`decoder.hidden_states`, keeping each layer's keys and values; only the last position is
+   unembedded), and
    the first token of each of the N samples (row r * N + j is sample j of prompt r) is drawn
    from the prompt's prefill logits. The prompt is never run N times, and its keys/values are
    not copied N times either: the decode cache keeps the prompt part once per prompt
@@ -22,11 +23,10 @@ How a batch is run:
    less cache traffic per step than repeating the cache rows).
 3. **Decode** in one jitted `lax.while_loop` whose state (cache, token buffer, ...) is donated
    and updated in place; it stops as soon as every row has finished (EOS, an in-loop stop
-   sequence, or M tokens). The step is `decode_step`: the decoder's math for one token over
-   that cache, heads before slots (attention is batched matmuls), one buffer per layer
-   (each written in place). Per-layer param slices and the unembedding are hoisted out of
-   the loop. (With rpo.models.decoder's stacked [L, B, S, K, E] cache, XLA on CPU copied the
-   whole cache every step and attention ran ~7x slower.)
+   sequence, or M tokens). The step is the model's `decoder.decode_step` over that cache
+   (`decoder.step_cache`): heads before slots (attention is batched matmuls), one buffer per
+   layer (each written in place). Per-layer param slices and the unembedding are hoisted out
+   of the loop (`decoder.step_params`).
 
 Randomness: the key of sample j of prompt i (its index in `prompts`) is
 `fold_in(fold_in(key(seed), i), j)`; step t draws one uniform from `fold_in(that key, t)` and
@@ -466,115 +466,6 @@ def choose(spec: _Spec, logits_BV, u_B, temperature, top_p, live_B=None):
 
 
 # ---------------------------------------------------------------------------------------
-# The decode step (inside jit)
-# ---------------------------------------------------------------------------------------
-
-
-def decode_params(config: ModelConfig, params):
-    """What decode_step needs, prepared once outside the loop: the per-layer params (sliced
-    off the stacked L axis, q/k/v fused into one [D, (H + 2K) * E] matrix and gate/up into
-    one [D, 2F]) and the [D, V] unembedding (transposed once when tied)."""
-    d = config.hidden_size
-    layers = []
-    for l in range(config.num_layers):
-        p = jax.tree.map(lambda w: w[l], params["layers"])
-        fused = {
-            "qkv": jnp.concatenate([p["q"].reshape(d, -1), p["k"].reshape(d, -1), p["v"].reshape(d, -1)], axis=1),
-            "gate_up": jnp.concatenate([p["gate"], p["up"]], axis=1),
-        }
-        if config.qkv_bias:
-            fused["qkv_bias"] = jnp.concatenate([p["q_bias"].reshape(-1), p["k_bias"].reshape(-1), p["v_bias"].reshape(-1)])
-        layers.append(dict({k: w for k, w in p.items() if k not in ("q", "k", "v", "q_bias", "k_bias", "v_bias", "gate", "up")}, **fused))
-    return layers, decoder.unembed_matrix(config, params)
-
-
-def decode_step(config: ModelConfig, params, layers, w_DV, tok_B, pos_B, cache):
-    """One token per row through the decoder, over the sampler's own (prefix-shared) cache.
-
-    Same math as rpo.models.decoder.forward_cached for T = 1 (tested against it and against
-    HF), laid out for a memory-bound step on XLA. Rows are b = r * N + j (sample j of prompt r).
-      cache["prompt_k"], ["prompt_v"]: lists of L arrays [R, K, P, E], the prompt's keys and
-        values, stored once per prompt and shared by its N samples (never written here);
-        cache["prompt_mask"] [R, P] (real prompt tokens).
-      cache["k"], ["v"]: lists of L arrays [B, K, M, E], the generated tokens' keys and values,
-        one buffer per layer, updated in place at slot cache["index"]; slots <= index are live.
-      Heads come before slots so that scores and values are plain batched matmuls.
-    layers, w_DV: from decode_params (prepared once, outside the loop). Params must already be
-    in the compute dtype.
-    Returns (float32 logits [B, V], cache).
-    """
-    dtype = jnp.dtype(config.dtype)
-    eps = config.rms_norm_eps
-    inv_freq = decoder.rope_inv_freq(config)
-    index = cache["index"]
-    r, kv, _, e = cache["prompt_k"][0].shape
-    b, _, m, _ = cache["k"][0].shape
-    n, g = b // r, config.num_heads // kv
-    live_M = jnp.arange(m) <= index  # generated slots written so far, this step's included
-    prompt_RP = cache["prompt_mask"]
-
-    def to_r(x):  # [B, K, G, ...] -> [R, K, N * G, ...]
-        x = x.reshape(r, n, kv, g, *x.shape[3:])
-        return jnp.swapaxes(x, 1, 2).reshape(r, kv, n * g, *x.shape[4:])
-
-    def to_b(x):  # [R, K, N * G, ...] -> [B, K, G, ...]
-        x = x.reshape(r, kv, n, g, *x.shape[3:])
-        return jnp.swapaxes(x, 1, 2).reshape(b, kv, g, *x.shape[4:])
-
-    h_BD = params["embed"][tok_B].astype(dtype)
-    pos_B1 = pos_B[:, None]
-    ks, vs = [], []
-    for l, p in enumerate(layers):
-        x_BD = decoder.rms_norm(h_BD, p["attn_norm"], eps)
-        qkv = x_BD @ p["qkv"]  # one matmul for q, k, v (weights fused outside the loop)
-        if config.qkv_bias:
-            qkv = qkv + p["qkv_bias"]
-        q_BHE = qkv[:, : kv * g * e].reshape(b, kv * g, e)
-        k_BKE = qkv[:, kv * g * e : (kv * g + kv) * e].reshape(b, kv, e)
-        v_BKE = qkv[:, (kv * g + kv) * e :].reshape(b, kv, e)
-        if config.qk_norm:
-            q_BHE = decoder.rms_norm(q_BHE, p["q_norm"], eps)
-            k_BKE = decoder.rms_norm(k_BKE, p["k_norm"], eps)
-        q_BHE = decoder.rope(q_BHE[:, None], pos_B1, inv_freq)[:, 0]
-        k_BKE = decoder.rope(k_BKE[:, None], pos_B1, inv_freq)[:, 0]
-        # Write first, then read the updated buffer: the old buffer's only use is the write,
-        # so XLA updates it in place (reading the old buffer after the update would force a
-        # copy of the whole buffer every step).
-        gk, gv = cache["k"][l], cache["v"][l]
-        k_BKME = jax.lax.dynamic_update_slice(gk, k_BKE.astype(gk.dtype)[:, :, None], (0, 0, index, 0))
-        v_BKME = jax.lax.dynamic_update_slice(gv, v_BKE.astype(gv.dtype)[:, :, None], (0, 0, index, 0))
-        ks.append(k_BKME)
-        vs.append(v_BKME)
-        pk_RKPE, pv_RKPE = cache["prompt_k"][l], cache["prompt_v"][l]
-        q_BKGE = q_BHE.reshape(b, kv, g, e)
-        # Scores over the shared prompt part (read once per prompt) and the generated part,
-        # then one softmax over both.
-        s_RKXP = jnp.einsum("rkxe,rkpe->rkxp", to_r(q_BKGE), pk_RKPE, preferred_element_type=jnp.float32) * (e**-0.5)
-        s_RKXP = jnp.where(prompt_RP[:, None, None, :], s_RKXP, NEG_INF)
-        s_BKGM = jnp.einsum("bkge,bkme->bkgm", q_BKGE, k_BKME, preferred_element_type=jnp.float32) * (e**-0.5)
-        s_BKGM = jnp.where(live_M, s_BKGM, NEG_INF)
-        mx_BKG = jnp.maximum(to_b(jnp.max(s_RKXP, axis=-1)), jnp.max(s_BKGM, axis=-1))
-        e_RKXP = jnp.exp(s_RKXP - to_r(mx_BKG)[..., None])
-        e_BKGM = jnp.exp(s_BKGM - mx_BKG[..., None])
-        den_BKG = to_b(jnp.sum(e_RKXP, axis=-1)) + jnp.sum(e_BKGM, axis=-1)
-        o_RKXE = jnp.einsum("rkxp,rkpe->rkxe", e_RKXP.astype(pv_RKPE.dtype), pv_RKPE, preferred_element_type=jnp.float32)
-        o_BKGE = jnp.einsum("bkgm,bkme->bkge", e_BKGM.astype(v_BKME.dtype), v_BKME, preferred_element_type=jnp.float32)
-        o_BKGE = (to_b(o_RKXE) + o_BKGE) / den_BKG[..., None]
-        out_BD = jnp.einsum("bhe,hed->bd", o_BKGE.reshape(b, kv * g, e).astype(dtype), p["o"])
-        if config.o_bias:
-            out_BD = out_BD + p["o_bias"]
-        h_BD = h_BD + out_BD
-        x_BD = decoder.rms_norm(h_BD, p["mlp_norm"], eps)
-        gate_up = x_BD @ p["gate_up"]
-        f = gate_up.shape[-1] // 2
-        gated_BF = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
-        h_BD = h_BD + gated_BF @ p["down"]
-    h_BD = decoder.rms_norm(h_BD, params["final_norm"], eps)
-    logits_BV = jnp.einsum("bd,dv->bv", h_BD, w_DV, preferred_element_type=jnp.float32)
-    return logits_BV, dict(cache, k=ks, v=vs, index=index + 1)
-
-
-# ---------------------------------------------------------------------------------------
 # Prefill and decode (jitted)
 # ---------------------------------------------------------------------------------------
 
@@ -627,32 +518,16 @@ def _prefill(config: ModelConfig, spec: _Spec, mesh, rules, params, batch, const
     per prompt, an empty M-slot generated part per sample) and samples the first token."""
     trace_counts["prefill"] += 1
     tokens_RP, positions_RP, mask_RP = batch["tokens"], batch["positions"], batch["mask"]
-    r, p = tokens_RP.shape
+    r = tokens_RP.shape[0]
     n, m = spec.n, spec.max_new
     b = r * n
-    cache = decoder.init_cache(config, r, p)
-    h_RPD, cache = decoder.hidden_states(config, params, tokens_RP, positions_BT=positions_RP, mask_BT=mask_RP, cache=cache)
+    h_RPD, kv = decoder.hidden_states(config, params, tokens_RP, positions_BT=positions_RP, mask_BT=mask_RP,
+                                      return_kv=True)
     # Only the last position's logits are needed: skip the [R, P, V] unembedding.
     logits_RV = decoder.logits_from_hidden(config, params, h_RPD[:, -1:, :])[:, 0]
-
     rep = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x  # noqa: E731
-    kv, e = config.num_kv_heads, config.head_dim
-    dtype = cache["k"].dtype
-    prompt_names = ("batch", "kv_heads", None, "head_dim")
-
-    def gen_buffer():
-        return _constrain(jnp.zeros((b, kv, m, e), dtype), mesh, rules, prompt_names)
-
-    cache = {
-        # The prompt part, once per prompt: [R, K, P, E] per layer.
-        "prompt_k": [_constrain(jnp.swapaxes(cache["k"][l], 1, 2), mesh, rules, prompt_names) for l in range(config.num_layers)],
-        "prompt_v": [_constrain(jnp.swapaxes(cache["v"][l], 1, 2), mesh, rules, prompt_names) for l in range(config.num_layers)],
-        "prompt_mask": cache["mask"],
-        # The generated part, per sample: [B, K, M, E] per layer.
-        "k": [gen_buffer() for _ in range(config.num_layers)],
-        "v": [gen_buffer() for _ in range(config.num_layers)],
-        "index": jnp.zeros((), jnp.int32),
-    }
+    cache = decoder.step_cache(config, kv, mask_RP, n, m,
+                               lambda x: _constrain(x, mesh, rules, ("batch", "kv_heads", None, "head_dim")))
     base = jax.random.key(consts["seed"])
     row_keys_B = jax.vmap(
         lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(base, i), j))(jnp.arange(n))
@@ -682,7 +557,7 @@ def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts
     """The decode loop: one token per row per iteration until every row is done or M tokens.
     The state (cache included) is donated and updated in place."""
     trace_counts["decode"] += 1
-    layers, w_DV = decode_params(config, params)
+    layers, w_DV = decoder.step_params(config, params)
 
     def cond(state):
         return (state["i"] < spec.max_new) & ~jnp.all(state["done"])
@@ -690,7 +565,7 @@ def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts
     def body(state):
         i = state["i"]
         pos_B = state["position"] + i - 1  # position of the token fed in (sampled at step i-1)
-        logits_BV, cache = decode_step(config, params, layers, w_DV, state["last"], pos_B, state["cache"])
+        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, state["cache"])
         state = dict(state, cache=cache)
         tok, lp = choose(spec, logits_BV, _uniforms(state["keys"], i), consts["temperature"], consts["top_p"], ~state["done"])
         return _record(spec, state, tok, lp, consts)

@@ -68,41 +68,42 @@ def test_bfloat16_logits_within_hf_bfloat16_error(family):
     assert ours_err > 1e-3
 
 
-def test_cached_decode_equals_full_forward(family):
-    """Prefill left-padded prompts of different lengths, then decode one token at a time;
-    every logit equals the full uncached forward over each row's own (unpadded) tokens."""
+def test_decode_steps_equal_the_full_forward(family):
+    """Prefill left-padded prompts of different lengths once (hidden_states' keys and values), then N = 2 samples
+    of each, with different tokens, one decode_step at a time over the prefix-shared cache: every logit equals
+    the full forward over that sample's own (unpadded) tokens."""
     name, model, path = family
     config, params = M.load_pretrained(path)
     rng = np.random.RandomState(1)
-    lengths = [5, 11, 8]
-    prompt_len, steps = max(lengths), 6
-    rows = [rng.randint(3, VOCAB, n + steps).astype(np.int32) for n in lengths]
-    b = len(rows)
+    lengths, n, steps = [5, 11, 8], 2, 6
+    prompt_len, r = max(lengths), len(lengths)
+    rows = [[np.concatenate([p, rng.randint(3, VOCAB, steps)]).astype(np.int32) for _ in range(n)]
+            for p in (rng.randint(3, VOCAB, k) for k in lengths)]  # rows[i][j]: sample j of prompt i
 
-    tokens = np.zeros((b, prompt_len), np.int32)
-    mask = np.zeros((b, prompt_len), bool)
-    positions = np.zeros((b, prompt_len), np.int32)
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        pad = prompt_len - n
-        tokens[i, pad:] = row[:n]
-        mask[i, pad:] = True
-        positions[i, pad:] = np.arange(n)
+    tokens = np.zeros((r, prompt_len), np.int32)
+    mask = np.zeros((r, prompt_len), bool)
+    positions = np.zeros((r, prompt_len), np.int32)
+    for i, k in enumerate(lengths):
+        tokens[i, prompt_len - k:] = rows[i][0][:k]
+        mask[i, prompt_len - k:] = True
+        positions[i, prompt_len - k:] = np.arange(k)
+    h, kv = decoder.hidden_states(config, params, jnp.asarray(tokens), positions_BT=jnp.asarray(positions),
+                                  mask_BT=jnp.asarray(mask), return_kv=True)
+    cache = decoder.step_cache(config, kv, jnp.asarray(mask), n, steps)
+    layers, w_DV = decoder.step_params(config, params)
+    step = jax.jit(decoder.decode_step, static_argnums=0)
+    got = np.zeros((r, n, steps, config.vocab_size), np.float32)
+    for t in range(steps):
+        tok_B = np.array([rows[i][j][lengths[i] + t] for i in range(r) for j in range(n)], np.int32)
+        pos_B = np.array([lengths[i] + t for i in range(r) for _ in range(n)], np.int32)
+        logits_BV, cache = step(config, params, layers, w_DV, tok_B, pos_B, cache)
+        got[:, :, t] = np.asarray(logits_BV).reshape(r, n, -1)
+    assert int(cache["index"]) == steps
 
-    step = jax.jit(decoder.forward_cached, static_argnums=0)
-    cache = decoder.init_cache(config, b, prompt_len + steps)
-    logits, cache = step(config, params, tokens, positions, mask, cache)
-    got = [[logits[i, -1]] for i in range(b)]
-    for t in range(steps - 1):
-        tok = np.array([[row[n + t]] for row, n in zip(rows, lengths)], np.int32)
-        pos = np.array([[n + t] for n in lengths], np.int32)
-        logits, cache = step(config, params, tok, pos, np.ones((b, 1), bool), cache)
-        for i in range(b):
-            got[i].append(logits[i, 0])
-    assert int(cache["index"]) == prompt_len + steps - 1
-
-    for i, (row, n) in enumerate(zip(rows, lengths)):
-        full = np.asarray(M.forward(config, params, row[None, : n + steps - 1]))[0]
-        np.testing.assert_allclose(np.stack(got[i]), full[n - 1 :], atol=1e-4, rtol=0)
+    for i, k in enumerate(lengths):
+        for j in range(n):
+            full = np.asarray(M.forward(config, params, rows[i][j][None]))[0]
+            np.testing.assert_allclose(got[i, j], full[k:], atol=1e-4, rtol=0)
 
 
 def test_export_loads_in_transformers(family, tmp_path):

@@ -318,48 +318,6 @@ def test_bad_arguments_fail_loudly(small_params):
         sampling.generate(SMALL, small_params, [[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
 
 
-def _ours_from_decoder_cache(cache, prompt_rows, plen, n_gen, m):
-    """The sampler's cache layout from a decoder cache: the first `plen` slots of
-    `prompt_rows` as the shared prompt part, the next n_gen slots as the generated part."""
-    L = cache["k"].shape[0]
-    pad = ((0, 0), (0, 0), (0, m - n_gen), (0, 0))
-    gen = lambda x, l: jnp.pad(jnp.swapaxes(x[l, :, plen : plen + n_gen], 1, 2), pad)  # noqa: E731
-    return {
-        "prompt_k": [jnp.swapaxes(cache["k"][l, prompt_rows, :plen], 1, 2) for l in range(L)],
-        "prompt_v": [jnp.swapaxes(cache["v"][l, prompt_rows, :plen], 1, 2) for l in range(L)],
-        "prompt_mask": cache["mask"][prompt_rows, :plen],
-        "k": [gen(cache["k"], l) for l in range(L)],
-        "v": [gen(cache["v"], l) for l in range(L)],
-        "index": jnp.int32(n_gen),
-    }
-
-
-@pytest.mark.parametrize("shared", [False, True], ids=["3_prompts_x_1", "1_prompt_x_3"])
-def test_decode_step_matches_forward_cached(shared):
-    """The sampler's decode step (its own prefix-shared cache layout) equals
-    decoder.forward_cached, with GQA, q/k norm, biases, left padding, and N samples sharing
-    one prompt part."""
-    for model_type, extra in [("qwen3", dict(qk_norm=True)), ("qwen2", dict(qkv_bias=True))]:
-        cfg = SMALL.replace(model_type=model_type, num_heads=4, num_kv_heads=2, head_dim=12, **extra)
-        params = M.init_params(cfg, jax.random.key(1), std=0.2)
-        toks = np.array(jax.random.randint(jax.random.key(2), (3, 6), 0, 16))
-        mask = np.ones((3, 6), bool)
-        if shared:
-            toks[1:, :4] = toks[0, :4]  # one prompt (4 tokens), three samples of 2 tokens each
-        else:
-            mask[1, :1] = mask[2, :2] = False  # left padding
-        pos = np.maximum(0, np.arange(6)[None] - (~mask).sum(1, keepdims=True))
-        cache = M.init_cache(cfg, 3, 8)
-        _, cache = M.forward_cached(cfg, params, jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(mask), cache)
-        nxt = jnp.array([1, 2, 3])
-        ref, _ = M.forward_cached(cfg, params, nxt[:, None], jnp.asarray(pos[:, -1:] + 1), jnp.ones((3, 1), bool), cache)
-        ours = _ours_from_decoder_cache(cache, np.array([0]) if shared else np.arange(3), 4, 2, 5)
-        layers, w_DV = sampling.decode_params(cfg, params)
-        got, new = sampling.decode_step(cfg, params, layers, w_DV, nxt, jnp.asarray(pos[:, -1] + 1), ours)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(ref[:, 0]), atol=1e-5)
-        assert int(new["index"]) == 3
-
-
 # ---------------------------------------------------------------------------------------
 # Under a mesh
 # ---------------------------------------------------------------------------------------

@@ -7,16 +7,14 @@ Public API:
   load_tokenizer(path)
   convert_gguf(gguf_path, out_dir)   a GGUF checkpoint (llama.cpp) -> an HF directory (gguf_import;
                                      `python -m rpo.models.convert`); rpo.models.smollm2 prepares a real one
-The cached forward and the building blocks used by sampling and training live in
-rpo.models.decoder.
+The building blocks used by sampling and training (hidden_states, the one-token decode_step over
+the sampling cache) live in rpo.models.decoder.
 """
 
 from rpo.models.config import ModelConfig, UnsupportedConfigError, from_hf_dict, load_config
 from rpo.models.decoder import (
     forward,
-    forward_cached,
     hidden_states,
-    init_cache,
     init_params,
     logits_from_hidden,
     param_axes,
@@ -34,10 +32,8 @@ __all__ = [
     "UnsupportedConfigError",
     "convert_gguf",
     "forward",
-    "forward_cached",
     "from_hf_dict",
     "hidden_states",
-    "init_cache",
     "init_params",
     "load_config",
     "load_pretrained",

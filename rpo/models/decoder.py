@@ -17,11 +17,16 @@ the layers run under one `lax.scan`:
 `param_axes(config)` gives the same tree with a tuple of logical axis names per array;
 rpo.sharding maps those names to mesh axes.
 
-KV cache (a dict, passed in and returned): k, v [L, B, S, K, E] in the compute dtype;
-mask [B, S] bool (slot holds a real token); index int32 scalar (next slot to write; the
-same for every row, since prompts are left-padded). Query slot index+t attends to key slot s
-when mask[b, s] and s <= index + t. RoPE positions are per row and per token, independent of
-slots, so left padding does not shift them.
+Two ways through the same weights:
+  hidden_states / forward   the whole sequence at once (training, scoring, and the sampler's prefill,
+                            which also takes each layer's keys and values: return_kv=True);
+  decode_step               one new token per row over the sampling cache (step_cache), laid out for a
+                            memory-bound step: the prompt's keys/values once per prompt, shared by its N
+                            samples ([R, K, P, E] per layer), the generated ones per sample ([B, K, M, E]
+                            per layer, written in place), heads before slots so that attention is batched
+                            matmuls. (A stacked [L, B, S, K, E] cache made XLA on CPU copy the whole cache
+                            every step, ~7x slower.) Rows are b = r * N + j (sample j of prompt r).
+RoPE positions are per row and per token, independent of slots, so left padding does not shift them.
 """
 
 from __future__ import annotations
@@ -161,9 +166,9 @@ def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
     return out_BTKGE.reshape(b, t, h, e)
 
 
-def _layer(config: ModelConfig, inv_freq, h_BTD, p, positions_BT, mask_BTS, k_cache, v_cache, index):
-    """One decoder block. With a cache (k_cache not None) new keys/values are written at
-    slots index..index+T-1 and attention runs over the whole cache."""
+def _layer(config: ModelConfig, inv_freq, h_BTD, p, positions_BT, mask_BTS):
+    """One decoder block over T tokens. Returns (h, k, v): k, v [B, T, K, E] this block's keys (after RoPE) and
+    values, for the sampler's prefill."""
     eps = config.rms_norm_eps
     x = rms_norm(h_BTD, p["attn_norm"], eps)
     q = jnp.einsum("btd,dhe->bthe", x, p["q"])
@@ -176,10 +181,6 @@ def _layer(config: ModelConfig, inv_freq, h_BTD, p, positions_BT, mask_BTS, k_ca
         k = rms_norm(k, p["k_norm"], eps)
     q = rope(q, positions_BT, inv_freq)
     k = rope(k, positions_BT, inv_freq)
-    if k_cache is not None:
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        k, v = k_cache, v_cache
     attn = _attention(q, k, v, mask_BTS)
     out = jnp.einsum("bthe,hed->btd", attn, p["o"])
     if config.o_bias:
@@ -188,24 +189,12 @@ def _layer(config: ModelConfig, inv_freq, h_BTD, p, positions_BT, mask_BTS, k_ca
     x = rms_norm(h_BTD, p["mlp_norm"], eps)
     gated = jax.nn.silu(jnp.einsum("btd,df->btf", x, p["gate"])) * jnp.einsum("btd,df->btf", x, p["up"])
     h_BTD = h_BTD + jnp.einsum("btf,fd->btd", gated, p["down"])
-    return h_BTD, k_cache, v_cache
+    return h_BTD, k, v
 
 
 # ---------------------------------------------------------------------------------------
 # Forward passes
 # ---------------------------------------------------------------------------------------
-
-
-def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
-    """An empty cache of `max_len` slots per row."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    dtype = jnp.dtype(config.dtype)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "mask": jnp.zeros((batch, max_len), bool),
-        "index": jnp.zeros((), jnp.int32),
-    }
 
 
 def hidden_states(
@@ -215,17 +204,17 @@ def hidden_states(
     *,
     positions_BT: jax.Array | None = None,
     mask_BT: jax.Array | None = None,
-    cache: Cache | None = None,
     remat: bool = False,
+    return_kv: bool = False,
 ) -> tuple[jax.Array, Cache | None]:
-    """Runs the decoder up to the final norm. Returns (hidden [B, T, D], updated cache).
+    """Runs the decoder up to the final norm (causal). Returns (hidden [B, T, D], kv).
 
     positions_BT: RoPE positions (default 0..T-1 in every row).
     mask_BT: True for real tokens (default all True). Keys at False positions are never
       attended to; outputs at those positions are finite but meaningless.
-    cache: None for a plain causal pass over `tokens_BT`; else new tokens are written at
-      cache["index"] and attend to everything already in the cache.
     remat: recompute each layer's activations in the backward pass.
+    return_kv: kv = {"k", "v": [L, B, T, K, E]} every layer's keys (after RoPE) and values in the
+      compute dtype (the sampler's prefill: step_cache); else None.
     """
     b, t = tokens_BT.shape
     dtype = jnp.dtype(config.dtype)
@@ -236,33 +225,17 @@ def hidden_states(
     params = jax.tree.map(lambda w: w.astype(dtype), params)
     inv_freq = rope_inv_freq(config)
     h = params["embed"][tokens_BT]
+    attn_mask = jnp.tril(jnp.ones((t, t), bool))[None] & mask_BT[:, None, :]
 
-    if cache is None:
-        index = 0
-        causal_TT = jnp.tril(jnp.ones((t, t), bool))
-        attn_mask = causal_TT[None] & mask_BT[:, None, :]
-    else:
-        index = cache["index"]
-        s = cache["k"].shape[2]
-        kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, index))
-        q_slot_T = index + jnp.arange(t)
-        causal_TS = jnp.arange(s)[None, :] <= q_slot_T[:, None]
-        attn_mask = causal_TS[None] & kv_mask_BS[:, None, :]
-
-    def body(h, xs):
-        p, k_c, v_c = xs
-        h, k_c, v_c = _layer(config, inv_freq, h, p, positions_BT, attn_mask, k_c, v_c, index)
-        return h, (k_c, v_c)
+    def body(h, p):
+        h, k, v = _layer(config, inv_freq, h, p, positions_BT, attn_mask)
+        return h, ((k, v) if return_kv else None)
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    if cache is None:
-        h, _ = jax.lax.scan(lambda h, p: (body(h, (p, None, None))[0], None), h, params["layers"])
-        new_cache = None
-    else:
-        h, (k_all, v_all) = jax.lax.scan(body, h, (params["layers"], cache["k"], cache["v"]))
-        new_cache = {"k": k_all, "v": v_all, "mask": kv_mask_BS, "index": index + t}
-    return rms_norm(h, params["final_norm"], config.rms_norm_eps), new_cache
+    h, kv = jax.lax.scan(body, h, params["layers"])
+    kv = {"k": kv[0], "v": kv[1]} if return_kv else None
+    return rms_norm(h, params["final_norm"], config.rms_norm_eps), kv
 
 
 def unembed_matrix(config: ModelConfig, params: Params) -> jax.Array:
@@ -276,20 +249,131 @@ def logits_from_hidden(config: ModelConfig, params: Params, hidden_BTD: jax.Arra
     return jnp.einsum("btd,dv->btv", hidden_BTD, w_DV, preferred_element_type=jnp.float32)
 
 
-def forward_cached(
-    config: ModelConfig,
-    params: Params,
-    tokens_BT: jax.Array,
-    positions_BT: jax.Array,
-    mask_BT: jax.Array,
-    cache: Cache,
-) -> tuple[jax.Array, Cache]:
-    """Prefill or decode step: float32 logits [B, T, V] and the updated cache."""
-    h, cache = hidden_states(config, params, tokens_BT, positions_BT=positions_BT, mask_BT=mask_BT, cache=cache)
-    return logits_from_hidden(config, params, h), cache
-
-
 def forward(config: ModelConfig, params: Params, tokens_BT: jax.Array) -> jax.Array:
     """float32 logits [B, T, V] for int32 tokens at positions 0..T-1; causal, no cache."""
     h, _ = hidden_states(config, params, jnp.asarray(tokens_BT, jnp.int32))
     return logits_from_hidden(config, params, h)
+
+
+# ---------------------------------------------------------------------------------------
+# One token at a time (sampling)
+# ---------------------------------------------------------------------------------------
+
+
+def step_cache(config: ModelConfig, kv: Cache, prompt_mask_RP: jax.Array, n: int, max_new: int,
+               constrain=lambda x: x) -> Cache:
+    """The sampling cache for R prompts x n samples from their prefill (hidden_states(..., return_kv=True)):
+    the prompt part once per prompt, an empty max_new-slot generated part per sample (see decode_step).
+    constrain(x): a sharding constraint for each [rows, K, slots, E] buffer (the sampler's mesh)."""
+    r = prompt_mask_RP.shape[0]
+    shape = (r * n, config.num_kv_heads, max_new, config.head_dim)
+    return {
+        "prompt_k": [constrain(jnp.swapaxes(kv["k"][l], 1, 2)) for l in range(config.num_layers)],
+        "prompt_v": [constrain(jnp.swapaxes(kv["v"][l], 1, 2)) for l in range(config.num_layers)],
+        "prompt_mask": prompt_mask_RP,
+        "k": [constrain(jnp.zeros(shape, kv["k"].dtype)) for _ in range(config.num_layers)],
+        "v": [constrain(jnp.zeros(shape, kv["v"].dtype)) for _ in range(config.num_layers)],
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def step_params(config: ModelConfig, params: Params):
+    """What decode_step needs besides the params, prepared once outside the sampling loop: the
+    per-layer params (sliced off the stacked L axis, q/k/v fused into one [D, (H + 2K) * E]
+    matrix and gate/up into one [D, 2F]) and the [D, V] unembedding (transposed once when tied)."""
+    d = config.hidden_size
+    layers = []
+    for l in range(config.num_layers):
+        p = jax.tree.map(lambda w: w[l], params["layers"])
+        fused = {
+            "qkv": jnp.concatenate([p["q"].reshape(d, -1), p["k"].reshape(d, -1), p["v"].reshape(d, -1)], axis=1),
+            "gate_up": jnp.concatenate([p["gate"], p["up"]], axis=1),
+        }
+        if config.qkv_bias:
+            fused["qkv_bias"] = jnp.concatenate([p["q_bias"].reshape(-1), p["k_bias"].reshape(-1), p["v_bias"].reshape(-1)])
+        layers.append(dict({k: w for k, w in p.items() if k not in ("q", "k", "v", "q_bias", "k_bias", "v_bias", "gate", "up")}, **fused))
+    return layers, unembed_matrix(config, params)
+
+
+def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B, cache: Cache):
+    """One token per row through the decoder over the sampling cache (step_cache): the math of
+    hidden_states for one more token (tested against forward and against HF).
+      cache["prompt_k"], ["prompt_v"]: lists of L arrays [R, K, P, E], the prompt's keys and
+        values, stored once per prompt and shared by its N samples (never written here);
+        cache["prompt_mask"] [R, P] (real prompt tokens).
+      cache["k"], ["v"]: lists of L arrays [B, K, M, E], the generated tokens' keys and values,
+        one buffer per layer, updated in place at slot cache["index"]; slots <= index are live.
+      Heads come before slots so that scores and values are plain batched matmuls.
+    layers, w_DV: from step_params (prepared once, outside the loop). Params must already be
+    in the compute dtype.
+    Returns (float32 logits [B, V], cache).
+    """
+    dtype = jnp.dtype(config.dtype)
+    eps = config.rms_norm_eps
+    inv_freq = rope_inv_freq(config)
+    index = cache["index"]
+    r, kv, _, e = cache["prompt_k"][0].shape
+    b, _, m, _ = cache["k"][0].shape
+    n, g = b // r, config.num_heads // kv
+    live_M = jnp.arange(m) <= index  # generated slots written so far, this step's included
+    prompt_RP = cache["prompt_mask"]
+
+    def to_r(x):  # [B, K, G, ...] -> [R, K, N * G, ...]
+        x = x.reshape(r, n, kv, g, *x.shape[3:])
+        return jnp.swapaxes(x, 1, 2).reshape(r, kv, n * g, *x.shape[4:])
+
+    def to_b(x):  # [R, K, N * G, ...] -> [B, K, G, ...]
+        x = x.reshape(r, kv, n, g, *x.shape[3:])
+        return jnp.swapaxes(x, 1, 2).reshape(b, kv, g, *x.shape[4:])
+
+    h_BD = params["embed"][tok_B].astype(dtype)
+    pos_B1 = pos_B[:, None]
+    ks, vs = [], []
+    for l, p in enumerate(layers):
+        x_BD = rms_norm(h_BD, p["attn_norm"], eps)
+        qkv = x_BD @ p["qkv"]  # one matmul for q, k, v (weights fused outside the loop)
+        if config.qkv_bias:
+            qkv = qkv + p["qkv_bias"]
+        q_BHE = qkv[:, : kv * g * e].reshape(b, kv * g, e)
+        k_BKE = qkv[:, kv * g * e : (kv * g + kv) * e].reshape(b, kv, e)
+        v_BKE = qkv[:, (kv * g + kv) * e :].reshape(b, kv, e)
+        if config.qk_norm:
+            q_BHE = rms_norm(q_BHE, p["q_norm"], eps)
+            k_BKE = rms_norm(k_BKE, p["k_norm"], eps)
+        q_BHE = rope(q_BHE[:, None], pos_B1, inv_freq)[:, 0]
+        k_BKE = rope(k_BKE[:, None], pos_B1, inv_freq)[:, 0]
+        # Write first, then read the updated buffer: the old buffer's only use is the write,
+        # so XLA updates it in place (reading the old buffer after the update would force a
+        # copy of the whole buffer every step).
+        gk, gv = cache["k"][l], cache["v"][l]
+        k_BKME = jax.lax.dynamic_update_slice(gk, k_BKE.astype(gk.dtype)[:, :, None], (0, 0, index, 0))
+        v_BKME = jax.lax.dynamic_update_slice(gv, v_BKE.astype(gv.dtype)[:, :, None], (0, 0, index, 0))
+        ks.append(k_BKME)
+        vs.append(v_BKME)
+        pk_RKPE, pv_RKPE = cache["prompt_k"][l], cache["prompt_v"][l]
+        q_BKGE = q_BHE.reshape(b, kv, g, e)
+        # Scores over the shared prompt part (read once per prompt) and the generated part,
+        # then one softmax over both.
+        s_RKXP = jnp.einsum("rkxe,rkpe->rkxp", to_r(q_BKGE), pk_RKPE, preferred_element_type=jnp.float32) * (e**-0.5)
+        s_RKXP = jnp.where(prompt_RP[:, None, None, :], s_RKXP, NEG_INF)
+        s_BKGM = jnp.einsum("bkge,bkme->bkgm", q_BKGE, k_BKME, preferred_element_type=jnp.float32) * (e**-0.5)
+        s_BKGM = jnp.where(live_M, s_BKGM, NEG_INF)
+        mx_BKG = jnp.maximum(to_b(jnp.max(s_RKXP, axis=-1)), jnp.max(s_BKGM, axis=-1))
+        e_RKXP = jnp.exp(s_RKXP - to_r(mx_BKG)[..., None])
+        e_BKGM = jnp.exp(s_BKGM - mx_BKG[..., None])
+        den_BKG = to_b(jnp.sum(e_RKXP, axis=-1)) + jnp.sum(e_BKGM, axis=-1)
+        o_RKXE = jnp.einsum("rkxp,rkpe->rkxe", e_RKXP.astype(pv_RKPE.dtype), pv_RKPE, preferred_element_type=jnp.float32)
+        o_BKGE = jnp.einsum("bkgm,bkme->bkge", e_BKGM.astype(v_BKME.dtype), v_BKME, preferred_element_type=jnp.float32)
+        o_BKGE = (to_b(o_RKXE) + o_BKGE) / den_BKG[..., None]
+        out_BD = jnp.einsum("bhe,hed->bd", o_BKGE.reshape(b, kv * g, e).astype(dtype), p["o"])
+        if config.o_bias:
+            out_BD = out_BD + p["o_bias"]
+        h_BD = h_BD + out_BD
+        x_BD = rms_norm(h_BD, p["mlp_norm"], eps)
+        gate_up = x_BD @ p["gate_up"]
+        f = gate_up.shape[-1] // 2
+        gated_BF = jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]
+        h_BD = h_BD + gated_BF @ p["down"]
+    h_BD = rms_norm(h_BD, params["final_norm"], eps)
+    logits_BV = jnp.einsum("bd,dv->bv", h_BD, w_DV, preferred_element_type=jnp.float32)
+    return logits_BV, dict(cache, k=ks, v=vs, index=index + 1)
