@@ -13,6 +13,16 @@ Run (the lock keeps two benchmarks from sharing the CPU):
 
 --gpu-1b prints the roofline estimate for a ~1B model on one accelerator; it runs nothing.
 
+--roofline (rpo only, no transformers) reports achieved GFLOP/s and its fraction of this machine's matmul
+peak (measured in the same run) for prefill and decode at --rows (default 64,256; rows = prompts x N), for
+the real SmolLM2-135M-Instruct and the 35M random Llama (--model smollm2 | random | both), and times each
+part of a decode step alone (layer matmuls, vocabulary projection, attention, token choice); it writes its
+own section of the results file:
+  flock /tmp/rpo-bench.lock .venv/bin/python experiments/bench_sampling.py --roofline
+
+--waste GSM8K_DIR measures the decode work spent on rows that have finished (EOS) while the batch runs on,
+for SmolLM2 sampling GSM8K test questions at N = 8 and 30 (its own section of the results file).
+
 --model smollm2 times the real SmolLM2-135M-Instruct instead (rpo.models.smollm2 prepares it from
 its PyPI wheel; both sides load the same float32 HF directory), by default 8 prompts x 64 tokens,
 N = 8, 64 new tokens, and writes its own section at the end of the results file.
@@ -85,9 +95,269 @@ def roofline_1b():
     print("Not run: this task had no accelerator.")
 
 
+# ---------------------------------------------------------------------------------------
+# Roofline (--roofline): achieved FLOP/s against this machine's measured matmul peak
+# ---------------------------------------------------------------------------------------
+
+
+def _median_time(fn, runs: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # compile / warm up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(runs: int = 5, n: int = 2048) -> float:
+    """FLOP/s of a jitted float32 n^3 matmul on this machine, median of `runs`."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    return 2 * n**3 / _median_time(lambda: f(a, a), runs)
+
+
+def step_flops(config, rows: int, context: int) -> float:
+    """FLOPs of one decode step: every row's token through every matmul (q/k/v/o, gate/up/down, the
+    vocabulary projection), and attention (scores and values) over `context` filled slots."""
+    d, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    h, k, layers = config.num_heads, config.num_kv_heads, config.num_layers
+    matmul = layers * (d * e * (h + 2 * k) + h * e * d + 3 * d * f) + d * v
+    return rows * (2 * matmul + layers * 4 * h * e * context)
+
+
+def prefill_flops(config, prompts: int, length: int) -> float:
+    """FLOPs of the prefill: every prompt token through the layers' matmuls, causal attention, and the
+    vocabulary projection of the last position only."""
+    d, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    h, k, layers = config.num_heads, config.num_kv_heads, config.num_layers
+    per_token = 2 * layers * (d * e * (h + 2 * k) + h * e * d + 3 * d * f)
+    attention = layers * 4 * h * e * length * (length + 1) / 2
+    return prompts * (length * per_token + attention + 2 * d * v)
+
+
+def roofline_models(which: str):
+    """(label, ModelConfig, params): the real SmolLM2-135M-Instruct (or, with --model random, a random model of
+    its shape) and the 35M random Llama of the default benchmark."""
+    import jax
+
+    import rpo.models as M
+    from rpo.models.config import ModelConfig
+
+    out = []
+    if which in ("smollm2", "both"):
+        from rpo.models import smollm2
+
+        config, params = M.load_pretrained(smollm2.prepare())
+        out.append(("SmolLM2-135M-Instruct (real weights)", config, params))
+    llama35 = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=384, intermediate_size=1024,
+                          num_layers=6, num_heads=6, num_kv_heads=6, head_dim=64, eos_token_ids=(2,))
+    if which in ("random", "both"):
+        out.append(("Llama 35M (random)", llama35, M.init_params(llama35, jax.random.key(0))))
+    return out
+
+
+def components(config, params, rows: int, n: int, plen: int, new: int, runs: int) -> dict[str, float]:
+    """Seconds per decode step of each part of the step, timed alone at the step's shapes (jitted, median of
+    runs): the layers' matmuls, the vocabulary projection, the token choice (sampled, full vocabulary); and the
+    rest (attention over a cache filled to half of `new`, norms, RoPE, cache writes) as decode_step's time (its
+    cache donated, as in the loop) less the two matmul parts."""
+    import jax
+    import jax.numpy as jnp
+
+    from rpo import sampling
+    from rpo.models import decoder
+
+    layers, w_DV = decoder.step_params(config, params)
+    d, f = config.hidden_size, config.intermediate_size
+    he = config.num_heads * config.head_dim
+    x = jax.random.normal(jax.random.key(0), (rows, d))
+
+    def matmuls(x):
+        for p in layers:
+            qkv = x @ p["qkv"]
+            x = x + qkv[:, :he] @ p["o"].reshape(he, d)
+            x = x + jax.nn.silu(x @ p["gate_up"])[:, :f] @ p["down"]
+        return x
+
+    r = rows // n
+    kv = {name: jax.random.normal(jax.random.key(1), (config.num_layers, r, plen, config.num_kv_heads,
+                                                      config.head_dim)) for name in ("k", "v")}
+    cache = decoder.step_cache(config, kv, jnp.ones((r, plen), bool), n, new)
+    cache["index"] = jnp.int32(new // 2)
+    tok = jnp.zeros((rows,), jnp.int32)
+    step = jax.jit(lambda tok, cache: decoder.decode_step(config, params, layers, w_DV, tok, tok, cache),
+                   donate_argnums=(1,))
+
+    def step_alone():  # the cache is donated and written in place, as in the sampler's loop
+        nonlocal cache
+        logits, cache = step(tok, cache)
+        cache["index"] = jnp.int32(new // 2)
+        return logits
+
+    spec = sampling._Spec(greedy=False, top_k=0, use_top_p=False, candidates=256, n=n, max_new=new, num_eos=0,
+                          stop_shape=(0, 0))
+    logits = jax.random.normal(jax.random.key(2), (rows, config.vocab_size))
+    u = jnp.full((rows,), 0.37, jnp.float32)
+    fns = {
+        "layer matmuls (q/k/v, o, gate/up, down)": (jax.jit(matmuls), (x,)),
+        "vocabulary projection": (jax.jit(lambda x: x @ w_DV), (x,)),
+        "token choice (sampled, full vocabulary)": (jax.jit(lambda lg: sampling.choose(
+            spec, lg, u, jnp.float32(1.0), jnp.float32(1.0))), (logits,)),
+    }
+    out = {name: _median_time(lambda f=f, a=a: f(*a), runs) for name, (f, a) in fns.items()}
+    whole = _median_time(step_alone, runs)
+    out["attention, norms, RoPE, cache writes (decode_step minus the two matmul parts)"] = (
+        whole - out["layer matmuls (q/k/v, o, gate/up, down)"] - out["vocabulary projection"])
+    return out
+
+
+def roofline(args) -> None:
+    import jax
+    import numpy as np
+
+    from rpo import sampling
+
+    load_start = os.getloadavg()
+    n, plen, new = args.n, args.prompt_len or 128, args.new or 64
+    peak = matmul_peak()
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3, median of 5)", flush=True)
+    rows_list = [int(x) for x in args.rows.split(",")]
+    table, parts = [], []
+    for label, config, params in roofline_models(args.model):
+        for rows in rows_list:
+            r = rows // n
+            prompts = np.random.default_rng(0).integers(3, config.vocab_size, (r, plen)).tolist()
+            stats_runs = []
+            for run in range(args.runs + 1):  # the first call compiles
+                stats = {}
+                sampling.generate(config, params, prompts, n=n, max_new_tokens=new, temperature=1.0, eos_ids=(),
+                                  seed=run, batch_size=r, progress=False, stats=stats)
+                stats_runs.append(stats)
+            st = stats_runs[1:]
+            pre = statistics.median(s["prefill_s"] for s in st)
+            dec = statistics.median(s["decode_s"] for s in st)
+            steps = st[0]["decode_steps"]
+            fl_dec = sum(step_flops(config, rows, plen + t) for t in range(1, steps + 1))  # t filled gen slots
+            fl_pre = prefill_flops(config, r, plen)
+            for phase, secs, fl, toks in (("prefill", pre, fl_pre, r * plen), ("decode", dec, fl_dec, rows * steps),
+                                          ("prefill + decode", pre + dec, fl_pre + fl_dec, rows * (steps + 1))):
+                table.append((label, phase, rows, toks / secs, fl / secs / 1e9, fl / secs / peak))
+                print(f"{label}, {phase}, {rows} rows: {toks / secs:,.0f} tok/s, {fl / secs / 1e9:.1f} GFLOP/s, "
+                      f"{fl / secs / peak:.2f} of peak", flush=True)
+            step_s = dec / steps
+            comp = components(config, params, rows, n, plen, new, args.runs)
+            parts.append((label, rows, step_s, comp))
+            for name, secs in comp.items():
+                print(f"  {name}: {secs * 1e3:.1f} ms ({secs / step_s:.0%} of a step)", flush=True)
+    if args.no_record:
+        return
+    cmd = "flock /tmp/rpo-bench.lock .venv/bin/python " + " ".join(["experiments/bench_sampling.py"] + sys.argv[1:])
+    lines = [
+        "## Roofline (`--roofline`): achieved FLOP/s against the measured matmul peak",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {os.cpu_count()} cores (`nproc`), {cpu_model()}, no accelerator; jax {jax.__version__}",
+        f"- command: `{cmd}`",
+        f"- peak: {peak / 1e9:.1f} GFLOP/s, a jitted float32 2048^3 matmul, median of 5, measured in the same run",
+        f"- workload: rows = prompts x N (N = {n}), random-token prompts of {plen} tokens, exactly {new} new tokens "
+        f"(EOS off), sampled (temperature 1, top_p 1), float32; median of {args.runs} runs after a compiling one",
+        "- FLOPs counted from the config: 2 x (q/k/v/o, gate/up/down and vocabulary-projection params) per "
+        "generated token, 2 x the layers' matmul params per prefilled token (the vocabulary projection of the "
+        "last position only), attention 4 x heads x head_dim x filled slots per token and layer",
+        f"- load average (1 min) at start / end: {load_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
+        "",
+        "| model | phase | rows | tokens/s | GFLOP/s | fraction of the matmul peak |",
+        "|---|---|---|---|---|---|",
+    ] + [f"| {m} | {ph} | {rw} | {tps:,.0f} | {gf:.1f} | **{fr:.2f}** |" for m, ph, rw, tps, gf, fr in table]
+    lines += ["", "Where a decode step's time goes: each part timed alone at the step's shapes (jitted, median), "
+              "against the measured step (decode seconds / steps):", "",
+              "| model | rows | step (ms) | part | ms | share of the step |", "|---|---|---|---|---|---|"]
+    for label, rows, step_s, comp in parts:
+        for name, secs in comp.items():
+            lines.append(f"| {label} | {rows} | {step_s * 1e3:.1f} | {name} | {secs * 1e3:.1f} | {secs / step_s:.0%} |")
+    _record_section("## Roofline (`--roofline`)", lines)
+    print("\n".join(lines))
+
+
+def waste(args) -> None:
+    """Finished-row waste on real completions: SmolLM2-135M-Instruct sampling GSM8K test questions (configs/
+    smollm2.py's zero-shot chat prompts) at IRPO's temperature, N samples per prompt, EOS on."""
+    import jax
+    import numpy as np
+
+    from rpo import irpo, sampling
+    from rpo.data import get_task
+    from rpo.files import load_module
+    from rpo.models import load_pretrained
+
+    cfg = load_module(os.path.join(os.path.dirname(RESULTS), "..", "..", "configs", "smollm2.py")).get_config(
+        f"gsm8k,runlocal,data={args.waste}")
+    task = get_task(cfg.task)
+    tokenizer = irpo.task_tokenizer(cfg, task)
+    config, params = load_pretrained(cfg.model.path)
+    examples = task.load("test")
+    new, temperature = args.new or 512, float(cfg.irpo.temperatures[0])
+    rng = np.random.default_rng(0)
+    lines_out = []
+    for n, prompts_n in ((8, 8), (30, 4)):
+        rows = [irpo.encode(tokenizer, irpo.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos)
+                for ex in examples[:prompts_n]]
+        stats = {}
+        out = sampling.generate(config, params, rows, n=n, max_new_tokens=new, temperature=temperature, seed=0,
+                                batch_size=prompts_n, progress=False, stats=stats, eos_ids=config.eos_token_ids)
+        lens = np.array([len(t) for per in out.tokens for t in per])
+        measured = 1 - stats["live_slot_steps"] / stats["slot_steps"]
+        # The same lengths in a batch of 256 rows (the sampler's default batch): drawn with replacement.
+        draws = [rng.choice(lens, 256) for _ in range(1000)]
+        boot = float(np.mean([1 - (d - 1).sum() / (256 * (d.max() - 1)) for d in draws]))
+        line = (f"| {n} | {prompts_n} x {n} = {len(lens)} | {int(np.min(lens))} / {int(np.median(lens))} / "
+                f"{int(np.max(lens))} | {sum(r == 'length' for per in out.finish_reasons for r in per)} | "
+                f"{stats['slot_steps']:,} | {measured:.0%} | {boot:.0%} |")
+        print(line, flush=True)
+        lines_out.append(line)
+    if args.no_record:
+        return
+    cmd = "flock /tmp/rpo-bench.lock .venv/bin/python " + " ".join(["experiments/bench_sampling.py"] + sys.argv[1:])
+    lines = [
+        "## Finished-row waste (`--waste`): decode work spent on rows that had already finished",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: "
+        f"{os.cpu_count()} cores, {cpu_model()}; jax {jax.__version__}",
+        f"- command: `{cmd}`",
+        f"- SmolLM2-135M-Instruct sampling the first GSM8K test questions (configs/smollm2.py's zero-shot chat "
+        f"prompts), temperature {temperature}, top_p 1, up to {new} new tokens, stopping at EOS; one batch per N",
+        "- waste = 1 - (decode slot-steps of rows still generating) / (rows x decode steps): the loop runs until "
+        "the batch's longest row ends. The last column puts the same completion lengths in a batch of 256 rows "
+        "(drawn with replacement, mean of 1000 draws), the sampler's default batch.",
+        "",
+        "| N | rows | completion tokens min / median / max | cut at the limit | slot-steps | waste (measured) "
+        "| waste at 256 rows (resampled) |",
+        "|---|---|---|---|---|---|---|",
+    ] + lines_out
+    _record_section("## Finished-row waste (`--waste`)", lines)
+    print("\n".join(lines))
+
+
+def _record_section(head: str, lines: list[str]) -> None:
+    """Writes `lines` as the results file's section starting with `head`, replacing an earlier one."""
+    old = open(RESULTS).read() if os.path.exists(RESULTS) else ""
+    if head in old:
+        before, _, rest = old.partition(head)
+        nxt = rest.find("\n## ")
+        old = before + (rest[nxt + 1:] if nxt >= 0 else "")
+    with open(RESULTS, "w") as f:
+        f.write(old.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="random", choices=("random", "smollm2"),
+    ap.add_argument("--model", default="random", choices=("random", "smollm2", "both"),
                     help="random: the Llama shaped by the flags below; smollm2: SmolLM2-135M-Instruct")
     ap.add_argument("--torch-threads", type=int, default=0, help="PyTorch threads (0: the core count)")
     ap.add_argument("--prompts", type=int, default=None, help="default 32 (smollm2: 8)")
@@ -104,9 +374,23 @@ def main():
     ap.add_argument("--skip-hf", action="store_true", help="time rpo only")
     ap.add_argument("--no-record", action="store_true", help="do not write the results file")
     ap.add_argument("--gpu-1b", action="store_true", help="print the ~1B roofline estimate and exit")
+    ap.add_argument("--roofline", action="store_true",
+                    help="achieved GFLOP/s against the measured matmul peak, prefill and decode, per --rows "
+                         "(--model smollm2 | random | both), and where a decode step's time goes")
+    ap.add_argument("--rows", default="64,256", help="--roofline: decode rows (prompts x N)")
+    ap.add_argument("--waste", default="", metavar="GSM8K_DIR",
+                    help="measure the finished-row waste of SmolLM2 sampling GSM8K (test.jsonl in GSM8K_DIR)")
     args = ap.parse_args()
     if args.gpu_1b:
         roofline_1b()
+        return
+    if args.waste:
+        waste(args)
+        return
+    if args.roofline:
+        if args.model == "random" and "--model" not in " ".join(sys.argv):
+            args.model = "both"
+        roofline(args)
         return
     small = args.model == "smollm2"
     args.prompts = args.prompts or (8 if small else 32)

@@ -123,6 +123,7 @@ def generate(
     top_p_candidates: int = 256,
     min_prompt_bucket: int = 16,
     progress: bool | None = None,
+    stats: dict | None = None,
 ) -> GenerateOutput:
     """Samples `n` completions of each prompt (a list of token-id lists).
 
@@ -140,6 +141,9 @@ def generate(
       with the same arguments, packs only the prompt rows its devices hold, and gets every
       completion back.
     progress: print a line per batch to stderr (default: when there is more than one batch).
+    stats: a dict that receives, summed over batches, prefill_s and decode_s (wall seconds; each phase is then
+      waited for, for the timing), decode_steps (loop iterations), slot_steps (rows x loop iterations, the
+      decode work done) and live_slot_steps (the part of it spent on rows still generating), prompt_tokens.
     """
     if n < 1:
         raise ValueError(f"n={n}: need at least one sample per prompt")
@@ -223,11 +227,18 @@ def generate(
                 {k: sharding_lib.batch_sharding(mesh, v.ndim, rules) for k, v in local.items()}, local,
                 {k: (rows,) + v.shape[1:] for k, v in local.items()},
             )
+        t_phase = time.perf_counter()
         state = _prefill(config, spec, mesh, rules, params, batch, consts)
+        if stats is not None:
+            jax.block_until_ready(state)
+            t_decode = time.perf_counter()
         state = _decode(config, spec, mesh, rules, params, state, consts)
-        toks_BM, lps_BM, lens_B, reason_B = distributed.fetch(
-            (state["tokens"], state["logprobs"], state["length"], state["reason"])
+        toks_BM, lps_BM, lens_B, reason_B, steps = distributed.fetch(
+            (state["tokens"], state["logprobs"], state["length"], state["reason"], state["i"])
         )
+        if stats is not None:
+            _add_stats(stats, t_phase, t_decode, int(steps) - 1, rows * n, lens_B,
+                       sum(len(prompts[i]) for i in idx))
         for r, i in enumerate(idx):
             ts, ls, rs = [], [], []
             for j in range(n):
@@ -258,6 +269,17 @@ def generate(
 # ---------------------------------------------------------------------------------------
 # Host-side helpers
 # ---------------------------------------------------------------------------------------
+
+
+def _add_stats(stats: dict, t_prefill: float, t_decode: float, steps: int, rows: int, lens_B, prompt_tokens: int):
+    """Sums one batch's timings and decode work into `stats` (see generate). The first token of every row comes
+    from the prefill; loop iteration s (1-based) works on every row and is live for rows with length > s."""
+    now = time.perf_counter()
+    add = dict(prefill_s=t_decode - t_prefill, decode_s=now - t_decode, decode_steps=steps,
+               slot_steps=steps * rows, live_slot_steps=int(np.maximum(np.asarray(lens_B) - 1, 0).sum()),
+               prompt_tokens=prompt_tokens)
+    for k, v in add.items():
+        stats[k] = stats.get(k, 0) + v
 
 _REASONS = ("length", "eos", "stop")
 
@@ -526,8 +548,7 @@ def _prefill(config: ModelConfig, spec: _Spec, mesh, rules, params, batch, const
     # Only the last position's logits are needed: skip the [R, P, V] unembedding.
     logits_RV = decoder.logits_from_hidden(config, params, h_RPD[:, -1:, :])[:, 0]
     rep = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x  # noqa: E731
-    cache = decoder.step_cache(config, kv, mask_RP, n, m,
-                               lambda x: _constrain(x, mesh, rules, ("batch", "kv_heads", None, "head_dim")))
+    cache = decoder.step_cache(config, kv, mask_RP, n, m, lambda x, names: _constrain(x, mesh, rules, names))
     base = jax.random.key(consts["seed"])
     row_keys_B = jax.vmap(
         lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(base, i), j))(jnp.arange(n))

@@ -261,18 +261,21 @@ def forward(config: ModelConfig, params: Params, tokens_BT: jax.Array) -> jax.Ar
 
 
 def step_cache(config: ModelConfig, kv: Cache, prompt_mask_RP: jax.Array, n: int, max_new: int,
-               constrain=lambda x: x) -> Cache:
+               constrain=lambda x, names: x) -> Cache:
     """The sampling cache for R prompts x n samples from their prefill (hidden_states(..., return_kv=True)):
     the prompt part once per prompt, an empty max_new-slot generated part per sample (see decode_step).
-    constrain(x): a sharding constraint for each [rows, K, slots, E] buffer (the sampler's mesh)."""
+    Keys are stored with head_dim before slots ([rows, K, E, slots]) and values after ([rows, K, slots, E]), so
+    that both attention products are plain (untransposed) batched matmuls.
+    constrain(x, logical axis names): a sharding constraint for each buffer (the sampler's mesh)."""
     r = prompt_mask_RP.shape[0]
-    shape = (r * n, config.num_kv_heads, max_new, config.head_dim)
+    b, kh, e, layers = r * n, config.num_kv_heads, config.head_dim, range(config.num_layers)
+    k_names, v_names = ("batch", "kv_heads", "head_dim", None), ("batch", "kv_heads", None, "head_dim")
     return {
-        "prompt_k": [constrain(jnp.swapaxes(kv["k"][l], 1, 2)) for l in range(config.num_layers)],
-        "prompt_v": [constrain(jnp.swapaxes(kv["v"][l], 1, 2)) for l in range(config.num_layers)],
+        "prompt_k": [constrain(jnp.transpose(kv["k"][l], (0, 2, 3, 1)), k_names) for l in layers],  # [R, K, E, P]
+        "prompt_v": [constrain(jnp.swapaxes(kv["v"][l], 1, 2), v_names) for l in layers],  # [R, K, P, E]
         "prompt_mask": prompt_mask_RP,
-        "k": [constrain(jnp.zeros(shape, kv["k"].dtype)) for _ in range(config.num_layers)],
-        "v": [constrain(jnp.zeros(shape, kv["v"].dtype)) for _ in range(config.num_layers)],
+        "k": [constrain(jnp.zeros((b, kh, e, max_new), kv["k"].dtype), k_names) for _ in layers],
+        "v": [constrain(jnp.zeros((b, kh, max_new, e), kv["v"].dtype), v_names) for _ in layers],
         "index": jnp.zeros((), jnp.int32),
     }
 
@@ -298,12 +301,14 @@ def step_params(config: ModelConfig, params: Params):
 def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B, cache: Cache):
     """One token per row through the decoder over the sampling cache (step_cache): the math of
     hidden_states for one more token (tested against forward and against HF).
-      cache["prompt_k"], ["prompt_v"]: lists of L arrays [R, K, P, E], the prompt's keys and
-        values, stored once per prompt and shared by its N samples (never written here);
-        cache["prompt_mask"] [R, P] (real prompt tokens).
-      cache["k"], ["v"]: lists of L arrays [B, K, M, E], the generated tokens' keys and values,
-        one buffer per layer, updated in place at slot cache["index"]; slots <= index are live.
-      Heads come before slots so that scores and values are plain batched matmuls.
+      cache["prompt_k"], ["prompt_v"]: lists of L arrays [R, K, E, P] and [R, K, P, E], the
+        prompt's keys and values, stored once per prompt and shared by its N samples (never
+        written here); cache["prompt_mask"] [R, P] (real prompt tokens).
+      cache["k"], ["v"]: lists of L arrays [B, K, E, M] and [B, K, M, E], the generated tokens'
+        keys and values, one buffer per layer, updated in place at slot cache["index"]; slots
+        <= index are live.
+      Heads come before slots, and keys are stored transposed, so that scores and values are
+      plain batched matmuls.
     layers, w_DV: from step_params (prepared once, outside the loop). Params must already be
     in the compute dtype.
     Returns (float32 logits [B, V], cache).
@@ -312,8 +317,8 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
     eps = config.rms_norm_eps
     inv_freq = rope_inv_freq(config)
     index = cache["index"]
-    r, kv, _, e = cache["prompt_k"][0].shape
-    b, _, m, _ = cache["k"][0].shape
+    r, kv, e, _ = cache["prompt_k"][0].shape
+    b, _, m, _ = cache["v"][0].shape
     n, g = b // r, config.num_heads // kv
     live_M = jnp.arange(m) <= index  # generated slots written so far, this step's included
     prompt_RP = cache["prompt_mask"]
@@ -346,24 +351,26 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         # so XLA updates it in place (reading the old buffer after the update would force a
         # copy of the whole buffer every step).
         gk, gv = cache["k"][l], cache["v"][l]
-        k_BKME = jax.lax.dynamic_update_slice(gk, k_BKE.astype(gk.dtype)[:, :, None], (0, 0, index, 0))
+        k_BKEM = jax.lax.dynamic_update_slice(gk, k_BKE.astype(gk.dtype)[..., None], (0, 0, 0, index))
         v_BKME = jax.lax.dynamic_update_slice(gv, v_BKE.astype(gv.dtype)[:, :, None], (0, 0, index, 0))
-        ks.append(k_BKME)
+        ks.append(k_BKEM)
         vs.append(v_BKME)
-        pk_RKPE, pv_RKPE = cache["prompt_k"][l], cache["prompt_v"][l]
+        pk_RKEP, pv_RKPE = cache["prompt_k"][l], cache["prompt_v"][l]
         q_BKGE = q_BHE.reshape(b, kv, g, e)
         # Scores over the shared prompt part (read once per prompt) and the generated part,
         # then one softmax over both.
-        s_RKXP = jnp.einsum("rkxe,rkpe->rkxp", to_r(q_BKGE), pk_RKPE, preferred_element_type=jnp.float32) * (e**-0.5)
+        s_RKXP = jnp.einsum("rkxe,rkep->rkxp", to_r(q_BKGE), pk_RKEP, preferred_element_type=jnp.float32) * (e**-0.5)
         s_RKXP = jnp.where(prompt_RP[:, None, None, :], s_RKXP, NEG_INF)
-        s_BKGM = jnp.einsum("bkge,bkme->bkgm", q_BKGE, k_BKME, preferred_element_type=jnp.float32) * (e**-0.5)
+        # The generated part is B x K tiny products (G query heads x M slots) streamed from memory: as one
+        # broadcast multiply-reduce per product XLA on CPU reads each buffer once, faster than batched matmuls.
+        s_BKGM = jnp.sum(q_BKGE[..., None] * k_BKEM[:, :, None], axis=3, dtype=jnp.float32) * (e**-0.5)
         s_BKGM = jnp.where(live_M, s_BKGM, NEG_INF)
         mx_BKG = jnp.maximum(to_b(jnp.max(s_RKXP, axis=-1)), jnp.max(s_BKGM, axis=-1))
         e_RKXP = jnp.exp(s_RKXP - to_r(mx_BKG)[..., None])
         e_BKGM = jnp.exp(s_BKGM - mx_BKG[..., None])
         den_BKG = to_b(jnp.sum(e_RKXP, axis=-1)) + jnp.sum(e_BKGM, axis=-1)
         o_RKXE = jnp.einsum("rkxp,rkpe->rkxe", e_RKXP.astype(pv_RKPE.dtype), pv_RKPE, preferred_element_type=jnp.float32)
-        o_BKGE = jnp.einsum("bkgm,bkme->bkge", e_BKGM.astype(v_BKME.dtype), v_BKME, preferred_element_type=jnp.float32)
+        o_BKGE = jnp.sum(e_BKGM.astype(v_BKME.dtype)[..., None] * v_BKME[:, :, None], axis=3, dtype=jnp.float32)
         o_BKGE = (to_b(o_RKXE) + o_BKGE) / den_BKG[..., None]
         out_BD = jnp.einsum("bhe,hed->bd", o_BKGE.reshape(b, kv * g, e).astype(dtype), p["o"])
         if config.o_bias:
