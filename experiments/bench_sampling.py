@@ -225,8 +225,8 @@ def roofline(args) -> None:
 
     load_start = os.getloadavg()
     n, plen, new = args.n, args.prompt_len or 128, args.new or 64
-    peak = matmul_peak()
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3, median of 5)", flush=True)
+    peaks = [matmul_peak()]  # measured again at the end: the larger (the stricter yardstick) is the peak
+    print(f"matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s (float32 2048^3, median of 5)", flush=True)
     rows_list = [int(x) for x in args.rows.split(",")]
     table, parts = [], []
     for label, config, params in roofline_models(args.model):
@@ -247,14 +247,18 @@ def roofline(args) -> None:
             fl_pre = prefill_flops(config, r, plen)
             for phase, secs, fl, toks in (("prefill", pre, fl_pre, r * plen), ("decode", dec, fl_dec, rows * steps),
                                           ("prefill + decode", pre + dec, fl_pre + fl_dec, rows * (steps + 1))):
-                table.append((label, phase, rows, toks / secs, fl / secs / 1e9, fl / secs / peak))
+                table.append((label, phase, rows, toks / secs, fl / secs / 1e9, None))
                 print(f"{label}, {phase}, {rows} rows: {toks / secs:,.0f} tok/s, {fl / secs / 1e9:.1f} GFLOP/s, "
-                      f"{fl / secs / peak:.2f} of peak", flush=True)
+                      f"{fl / secs / peaks[0]:.2f} of the first peak", flush=True)
             step_s = dec / steps
             comp = components(config, params, rows, n, plen, new, args.runs)
             parts.append((label, rows, step_s, comp))
             for name, secs in comp.items():
                 print(f"  {name}: {secs * 1e3:.1f} ms ({secs / step_s:.0%} of a step)", flush=True)
+    peaks.append(matmul_peak())
+    peak = max(peaks)
+    table = [(m, ph, rw, tps, gf, gf * 1e9 / peak) for m, ph, rw, tps, gf, _ in table]
+    print(f"matmul peak at the end: {peaks[1] / 1e9:.1f} GFLOP/s; fractions below use {peak / 1e9:.1f}", flush=True)
     if args.no_record:
         return
     cmd = "flock /tmp/rpo-bench.lock .venv/bin/python " + " ".join(["experiments/bench_sampling.py"] + sys.argv[1:])
@@ -264,7 +268,8 @@ def roofline(args) -> None:
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {os.cpu_count()} cores (`nproc`), {cpu_model()}, no accelerator; jax {jax.__version__}",
         f"- command: `{cmd}`",
-        f"- peak: {peak / 1e9:.1f} GFLOP/s, a jitted float32 2048^3 matmul, median of 5, measured in the same run",
+        f"- peak: {peak / 1e9:.1f} GFLOP/s, a jitted float32 2048^3 matmul, median of 5, measured at the start "
+        f"({peaks[0] / 1e9:.1f}) and the end ({peaks[1] / 1e9:.1f}) of the run; the larger is used",
         f"- workload: rows = prompts x N (N = {n}), random-token prompts of {plen} tokens, exactly {new} new tokens "
         f"(EOS off), sampled (temperature 1, top_p 1), float32; median of {args.runs} runs after a compiling one",
         "- FLOPs counted from the config: 2 x (q/k/v/o, gate/up/down and vocabulary-projection params) per "

@@ -361,16 +361,24 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         # then one softmax over both.
         s_RKXP = jnp.einsum("rkxe,rkep->rkxp", to_r(q_BKGE), pk_RKEP, preferred_element_type=jnp.float32) * (e**-0.5)
         s_RKXP = jnp.where(prompt_RP[:, None, None, :], s_RKXP, NEG_INF)
-        # The generated part is B x K tiny products (G query heads x M slots) streamed from memory: as one
-        # broadcast multiply-reduce per product XLA on CPU reads each buffer once, faster than batched matmuls.
-        s_BKGM = jnp.sum(q_BKGE[..., None] * k_BKEM[:, :, None], axis=3, dtype=jnp.float32) * (e**-0.5)
+        # The generated part is B x K tiny products (G query heads x M slots) streamed from memory. Measured on
+        # CPU (experiments/results/bench_sampling.md): with G > 1 a broadcast multiply-reduce beats batched
+        # matmuls (SmolLM2, G = 3: a 256-row step 1.12 -> 0.94 s); with G = 1 it is 3x slower than the matmul.
+        if g > 1:
+            s_BKGM = jnp.sum(q_BKGE[..., None] * k_BKEM[:, :, None], axis=3, dtype=jnp.float32) * (e**-0.5)
+        else:
+            s_BKGM = jnp.einsum("bkge,bkem->bkgm", q_BKGE, k_BKEM, preferred_element_type=jnp.float32) * (e**-0.5)
         s_BKGM = jnp.where(live_M, s_BKGM, NEG_INF)
         mx_BKG = jnp.maximum(to_b(jnp.max(s_RKXP, axis=-1)), jnp.max(s_BKGM, axis=-1))
         e_RKXP = jnp.exp(s_RKXP - to_r(mx_BKG)[..., None])
         e_BKGM = jnp.exp(s_BKGM - mx_BKG[..., None])
         den_BKG = to_b(jnp.sum(e_RKXP, axis=-1)) + jnp.sum(e_BKGM, axis=-1)
         o_RKXE = jnp.einsum("rkxp,rkpe->rkxe", e_RKXP.astype(pv_RKPE.dtype), pv_RKPE, preferred_element_type=jnp.float32)
-        o_BKGE = jnp.sum(e_BKGM.astype(v_BKME.dtype)[..., None] * v_BKME[:, :, None], axis=3, dtype=jnp.float32)
+        if g > 1:
+            o_BKGE = jnp.sum(e_BKGM.astype(v_BKME.dtype)[..., None] * v_BKME[:, :, None], axis=3, dtype=jnp.float32)
+        else:
+            o_BKGE = jnp.einsum("bkgm,bkme->bkge", e_BKGM.astype(v_BKME.dtype), v_BKME,
+                                preferred_element_type=jnp.float32)
         o_BKGE = (to_b(o_RKXE) + o_BKGE) / den_BKG[..., None]
         out_BD = jnp.einsum("bhe,hed->bd", o_BKGE.reshape(b, kv * g, e).astype(dtype), p["o"])
         if config.o_bias:
