@@ -55,6 +55,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def command_line() -> str:
+    """This run's command as the results file records it (under the benchmark lock)."""
+    return "flock /tmp/rpo-bench.lock .venv/bin/python " + " ".join(["experiments/bench_sampling.py"] + sys.argv[1:])
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def hf_config(args):
     import transformers
 
@@ -261,11 +270,11 @@ def roofline(args) -> None:
     print(f"matmul peak at the end: {peaks[1] / 1e9:.1f} GFLOP/s; fractions below use {peak / 1e9:.1f}", flush=True)
     if args.no_record:
         return
-    cmd = "flock /tmp/rpo-bench.lock .venv/bin/python " + " ".join(["experiments/bench_sampling.py"] + sys.argv[1:])
+    cmd = command_line()
     lines = [
         "## Roofline (`--roofline`): achieved FLOP/s against the measured matmul peak",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {utc_now()}",
         f"- machine: {os.cpu_count()} cores (`nproc`), {cpu_model()}, no accelerator; jax {jax.__version__}",
         f"- command: `{cmd}`",
         f"- peak: {peak / 1e9:.1f} GFLOP/s, a jitted float32 2048^3 matmul, median of 5, measured at the start "
@@ -328,11 +337,11 @@ def waste(args) -> None:
         lines_out.append(line)
     if args.no_record:
         return
-    cmd = "flock /tmp/rpo-bench.lock .venv/bin/python " + " ".join(["experiments/bench_sampling.py"] + sys.argv[1:])
+    cmd = command_line()
     lines = [
         "## Finished-row waste (`--waste`): decode work spent on rows that had already finished",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: "
+        f"- date: {utc_now()}; machine: "
         f"{os.cpu_count()} cores, {cpu_model()}; jax {jax.__version__}",
         f"- command: `{cmd}`",
         f"- SmolLM2-135M-Instruct sampling the first GSM8K test questions (configs/smollm2.py's zero-shot chat "
@@ -477,7 +486,7 @@ def main():
 
     if args.no_record:
         return
-    cmd = "flock /tmp/rpo-bench.lock .venv/bin/python " + " ".join(["experiments/bench_sampling.py"] + sys.argv[1:])
+    cmd = command_line()
     shape = (
         f"Llama-style, {nparams / 1e6:.1f}M params (vocab {args.vocab}, hidden {args.hidden}, mlp {args.mlp}, "
         f"{args.layers} layers, {args.heads} heads, {args.kv_heads} kv heads, untied), float32"
@@ -489,7 +498,7 @@ def main():
     lines = [
         "# Sampling benchmark: rpo.sampling vs transformers generate (CPU)",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {utc_now()}",
         f"- machine: {ncpu} cores (`nproc`), {cpu_model()}, no accelerator",
         f"- versions: jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()}",
@@ -529,14 +538,8 @@ def main():
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     if small:  # its own section at the end, replacing an earlier one of the same torch thread count
         head = f"## SmolLM2-135M-Instruct (`--model smollm2`), torch threads = {torch.get_num_threads()}"
-        lines = [head, ""] + lines[2:-3] + [""]
-        old = open(RESULTS).read() if os.path.exists(RESULTS) else ""
-        if head in old:
-            before, _, rest = old.partition(head)
-            nxt = rest.find("\n## ")
-            old = before + (rest[nxt + 1:] if nxt >= 0 else "")
-        with open(RESULTS, "w") as f:
-            f.write(old.rstrip("\n") + "\n\n" + "\n".join(lines))
+        lines = [head, ""] + lines[2:-3]
+        _record_section(head, lines)
     else:
         with open(RESULTS, "w") as f:
             f.write("\n".join(lines))
