@@ -322,17 +322,36 @@ def waste(args) -> None:
     for n, prompts_n in ((8, 8), (30, 4)):
         rows = [irpo.encode(tokenizer, irpo.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos)
                 for ex in examples[:prompts_n]]
-        stats = {}
-        out = sampling.generate(config, params, rows, n=n, max_new_tokens=new, temperature=temperature, seed=0,
-                                batch_size=prompts_n, progress=False, stats=stats, eos_ids=config.eos_token_ids)
+        # The same call with the attention windows (the default) and without them (one window of all M slots,
+        # the loop as it was before windows): the decode seconds of each, and whether the samples are equal.
+        # N = 8 is timed: each variant runs twice and the second (compiled) run is timed; N = 30 runs once each.
+        timed = n == 8
+        runs = {}
+        for label, smallest in (("windows", sampling.MIN_WINDOW), ("no windows", new)):
+            saved, sampling.MIN_WINDOW = sampling.MIN_WINDOW, smallest
+            try:
+                for _ in range(2 if timed else 1):
+                    stats = {}
+                    out = sampling.generate(config, params, rows, n=n, max_new_tokens=new, temperature=temperature,
+                                            seed=0, batch_size=prompts_n, progress=False, stats=stats,
+                                            eos_ids=config.eos_token_ids)
+                    print(f"N={n} {label}: decode {stats['decode_s']:.1f}s", flush=True)
+            finally:
+                sampling.MIN_WINDOW = saved
+            runs[label] = (out, stats)
+        out, stats = runs["windows"]
+        same = out.tokens == runs["no windows"][0].tokens
         lens = np.array([len(t) for per in out.tokens for t in per])
         measured = 1 - stats["live_slot_steps"] / stats["slot_steps"]
         # The same lengths in a batch of 256 rows (the sampler's default batch): drawn with replacement.
         draws = [rng.choice(lens, 256) for _ in range(1000)]
         boot = float(np.mean([1 - (d - 1).sum() / (256 * (d.max() - 1)) for d in draws]))
+        base_s = runs["no windows"][1]["decode_s"]
         line = (f"| {n} | {prompts_n} x {n} = {len(lens)} | {int(np.min(lens))} / {int(np.median(lens))} / "
                 f"{int(np.max(lens))} | {sum(r == 'length' for per in out.finish_reasons for r in per)} | "
-                f"{stats['slot_steps']:,} | {measured:.0%} | {boot:.0%} |")
+                f"{stats['slot_steps']:,} | {measured:.0%} | {boot:.0%} | "
+                + (f"{base_s:.0f} | {stats['decode_s']:.0f} ({base_s / stats['decode_s']:.2f}x)" if timed else
+                   "(not timed) | (not timed)") + f" | {'yes' if same else 'NO'} |")
         print(line, flush=True)
         lines_out.append(line)
     if args.no_record:
@@ -350,9 +369,15 @@ def waste(args) -> None:
         "the batch's longest row ends. The last column puts the same completion lengths in a batch of 256 rows "
         "(drawn with replacement, mean of 1000 draws), the sampler's default batch.",
         "",
+        "- decode s (N = 8; each variant run twice, the second run timed, so no compilation is counted): "
+        "the decode loop's wall seconds without attention windows (every step reads all M generated "
+        "slots, the loop before windows) and with them (the default: a step reads the written slots rounded up to "
+        "a power of two, at least sampling.MIN_WINDOW), in the same run; samples equal: the tokens of the two "
+        "runs, every row.",
+        "",
         "| N | rows | completion tokens min / median / max | cut at the limit | slot-steps | waste (measured) "
-        "| waste at 256 rows (resampled) |",
-        "|---|---|---|---|---|---|---|",
+        "| waste at 256 rows (resampled) | decode s, no windows | decode s, windows | samples equal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ] + lines_out
     _record_section("## Finished-row waste (`--waste`)", lines)
     print("\n".join(lines))

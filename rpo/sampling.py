@@ -75,6 +75,9 @@ from rpo.models import decoder
 from rpo.models.config import ModelConfig
 
 NEG_INF = decoder.NEG_INF  # the decoder's finite "minus infinity" for masked scores
+# The decode loop attends over the generated slots written so far rounded up to a power of two (at least this
+# many), one compiled loop per window: a row at step 40 of 512 reads 64 slots, not 512 (see windows()).
+MIN_WINDOW = 16
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,7 +235,10 @@ def generate(
         if stats is not None:
             jax.block_until_ready(state)
             t_decode = time.perf_counter()
-        state = _decode(config, spec, mesh, rules, params, state, consts)
+        for window in windows(spec.max_new):
+            state = _decode(config, spec, mesh, rules, params, state, consts, window)
+            if window >= spec.max_new or bool(distributed.fetch(jnp.all(state["done"]))):
+                break
         toks_BM, lps_BM, lens_B, reason_B, steps = distributed.fetch(
             (state["tokens"], state["logprobs"], state["length"], state["reason"], state["i"])
         )
@@ -573,22 +579,34 @@ def _prefill(config: ModelConfig, spec: _Spec, mesh, rules, params, batch, const
     return _record(spec, state, tok, lp, consts)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts):
-    """The decode loop: one token per row per iteration until every row is done or M tokens.
-    The state (cache included) is donated and updated in place."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 7), donate_argnums=(5,))
+def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts, window: int):
+    """The decode loop over one attention window: one token per row per iteration until every row is done,
+    M tokens, or the window's generated slots are all written (iteration i writes slot i - 1). The state
+    (cache included) is donated and updated in place."""
     trace_counts["decode"] += 1
     layers, w_DV = decoder.step_params(config, params)
 
     def cond(state):
-        return (state["i"] < spec.max_new) & ~jnp.all(state["done"])
+        return (state["i"] < min(spec.max_new, window + 1)) & ~jnp.all(state["done"])
 
     def body(state):
         i = state["i"]
         pos_B = state["position"] + i - 1  # position of the token fed in (sampled at step i-1)
-        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, state["cache"])
+        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, state["cache"],
+                                               window=window)
         state = dict(state, cache=cache)
         tok, lp = choose(spec, logits_BV, _uniforms(state["keys"], i), consts["temperature"], consts["top_p"], ~state["done"])
         return _record(spec, state, tok, lp, consts)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+def windows(max_new: int, smallest: int | None = None) -> list[int]:
+    """The attention windows the decode loop runs through: powers of two from `smallest` (default
+    MIN_WINDOW), then max_new itself (the whole generated part, as with no window)."""
+    w, out = smallest or MIN_WINDOW, []
+    while w < max_new:
+        out.append(w)
+        w *= 2
+    return out + [max_new]
