@@ -21,9 +21,12 @@ How a batch is run:
    attention takes one softmax over both. Each step thus reads the prompt's cache once for
    its N samples instead of N times (for 256-token prompts, N = 8 and 128 new tokens, 2.4x
    less cache traffic per step than repeating the cache rows).
-3. **Decode** in one jitted `lax.while_loop` whose state (cache, token buffer, ...) is donated
+3. **Decode** in jitted `lax.while_loop`s whose state (cache, token buffer, ...) is donated
    and updated in place; it stops as soon as every row has finished (EOS, an in-loop stop
-   sequence, or M tokens). The step is the model's `decoder.decode_step` over that cache
+   sequence, or M tokens). Attention reads only the generated slots written so far, rounded up
+   to a window (16, 32, 64, ... then M; `windows()`): one compiled loop per window, each running
+   until its slots are full, so a step early in a 512-token budget does not read 512 slots. The
+   skipped slots are masked anyway: samples are unchanged (log-probs to float32 rounding). The step is the model's `decoder.decode_step` over that cache
    (`decoder.step_cache`): heads before slots (attention is batched matmuls), one buffer per
    layer (each written in place). Per-layer param slices and the unembedding are hoisted out
    of the loop (`decoder.step_params`).
