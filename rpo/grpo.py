@@ -53,12 +53,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
 from typing import Callable
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from rpo import files, irpo
 from rpo.configlib import ConfigError, bad
@@ -73,10 +72,6 @@ CURVES = (("reward_mean", "reward_std"), ("zero_adv_fraction", None), ("response
 
 class RewardError(RuntimeError):
     """A reward function raised; the message names the step, the prompt and the sample."""
-
-
-def _log(msg: str) -> None:
-    print(f"[rpo.grpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -533,8 +528,8 @@ def _record(log, results, workdir) -> None:
     steps = step_rows(workdir, len(results) - 1)
     if steps:
         report.plot_curves(steps, os.path.join(workdir, "grpo_curves.png"), CURVES, title="GRPO steps")
-    _log("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)
-         + (f", train reward {row['train_reward_mean']:.3f}" if "train_reward_mean" in row else ""))
+    logging.info("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)
+                 + (f", train reward {row['train_reward_mean']:.3f}" if "train_reward_mean" in row else ""))
 
 
 def step_rows(workdir: str, iterations: int) -> list[dict]:

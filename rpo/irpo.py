@@ -35,21 +35,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
-import time
 from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from rpo import files, sharding
 from rpo.configlib import ConfigError, bad
 
 DONE = "done.json"  # a training phase's marker: its final/ model and tokenizer are complete
-
-
-def _log(msg: str) -> None:
-    print(f"[rpo.irpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,16 +223,16 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
                 row["target_ids"] = target_ids
             rows.append(row)
         if skipped:
-            _log(f"{split}: skipped {len(skipped)} prompts too long for the context (first: {skipped[0]})")
+            logging.info(f"{split}: skipped {len(skipped)} prompts too long for the context (first: {skipped[0]})")
         if long_targets:
-            _log(f"{split}: {long_targets} gold responses do not fit seq_len={cfg.seq_len} with their prompt: "
-                 f"not trained on")
+            logging.info(f"{split}: {long_targets} gold responses do not fit seq_len={cfg.seq_len} with their prompt: "
+                         f"not trained on")
         if unreachable:
-            _log(f"{split}: warning: {unreachable} gold responses are longer than irpo.max_new_tokens="
-                 f"{cfg.irpo.max_new_tokens}: samples of that length are cut off")
+            logging.warning(f"{split}: {unreachable} gold responses are longer than irpo.max_new_tokens="
+                            f"{cfg.irpo.max_new_tokens}: samples of that length are cut off")
         bad_rows = list(getattr(task, "skipped_rows", {}).get(split, []))
         if bad_rows:
-            _log(f"{split}: {len(bad_rows)} malformed dataset rows skipped (first: {bad_rows[0]})")
+            logging.info(f"{split}: {len(bad_rows)} malformed dataset rows skipped (first: {bad_rows[0]})")
         if split == "train":
             h = cfg.select.heldout
             if h and h >= len(rows):
@@ -252,7 +247,7 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
                           "gold_too_long_for_seq_len": long_targets, "gold_longer_than_max_new_tokens": unreachable,
                           "skipped_bad_rows": len(bad_rows), "bad_rows": bad_rows[:100]})
         files.write_jsonl(path, rows)
-        _log(f"{split}: {len(rows)} prompts -> {path}")
+        logging.info(f"{split}: {len(rows)} prompts -> {path}")
         out[split] = rows
     return out
 
@@ -496,8 +491,8 @@ def select_checkpoint(models: Models, task, tokenizer, heldout: list[dict], trai
               "heldout_accuracy": {str(k): v for k, v in scores.items()}}
     files.write_json(path, choice)
     if scores:
-        _log(f"{os.path.basename(it_dir)}: step {chosen} selected (held-out greedy " +
-             ", ".join(f"{k}: {v:.3f}" for k, v in sorted(scores.items())) + ")")
+        logging.info(f"{os.path.basename(it_dir)}: step {chosen} selected (held-out greedy " +
+                     ", ".join(f"{k}: {v:.3f}" for k, v in sorted(scores.items())) + ")")
     return candidates[chosen], choice
 
 
@@ -598,7 +593,7 @@ def _iteration_data(cfg, t: int, it_dir: str, prev: str, models, task, tokenizer
         if not rows:
             raise RuntimeError(
                 f"iteration {t}: no preference pairs ({pstats}); every prompt was all-correct or all-wrong")
-        _log(f"iter{t} pairs: " + ", ".join(f"{k}={v}" for k, v in pstats.items()))
+        logging.info(f"iter{t} pairs: " + ", ".join(f"{k}={v}" for k, v in pstats.items()))
         files.write_json(stats_path, pstats)  # before pairs.jsonl, whose presence marks the stage done
         add_reference(models, prev, rows, path, cfg, desc=f"iter{t} reference log-probs")
     pstats = json.load(open(stats_path))
@@ -712,5 +707,5 @@ def _record(log, results, path, workdir) -> None:
                 split="iteration")
     report.write_results(path, results)
     report.plot_results(results, os.path.join(workdir, "accuracy.png"))
-    _log("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)
-         + (f", maj@{row['maj_k']} {row['maj_accuracy']:.3f}" if "maj_accuracy" in row else ""))
+    logging.info("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)
+                 + (f", maj@{row['maj_k']} {row['maj_accuracy']:.3f}" if "maj_accuracy" in row else ""))

@@ -27,19 +27,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
 import numpy as np
+from absl import logging
 
 from rpo import files, irpo
 from rpo.configlib import ConfigError, bad
 
 CONFIG_NAME = "rm_dpo_config.json"
-
-
-def _log(msg: str) -> None:
-    print(f"[rpo.rm_dpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def check_config(cfg) -> None:
@@ -94,7 +89,7 @@ def load_prompts(cfg, tokenizer, workdir: str, context: int) -> tuple[list[dict]
                          f"usable prompts")
     train, held = rows[: -r.eval_prompts], rows[-r.eval_prompts:]
     if skipped:
-        _log(f"skipped {len(skipped)} prompts too long for the context (first: {skipped[0]})")
+        logging.info(f"skipped {len(skipped)} prompts too long for the context (first: {skipped[0]})")
     files.write_json(os.path.join(workdir, "prompts_stats.json"), {"train": len(train), "eval": len(held),
                                                                     "skipped_long_prompts": len(skipped)})
     files.write_jsonl(paths[1], held)
@@ -218,7 +213,8 @@ def run(cfg, workdir: str) -> list[dict]:
                                              max_len=context)
                 if not pairs:
                     raise RuntimeError(f"iteration {t}: no pair ({stats}); every prompt's responses scored alike")
-                _log(f"iter{t} pairs: " + ", ".join(f"{a}={b}" for a, b in stats.items()))
+                logging.info(f"iter{t} pairs: "
+                             + ", ".join(f"{a}={b}" for a, b in stats.items()))
                 files.write_json(stats_path, stats)
                 irpo.add_reference(models, model_path, pairs, pairs_path, cfg, desc=f"iter{t} reference log-probs")
             stats = json.load(open(stats_path))
@@ -246,5 +242,5 @@ def _record(log, results, workdir) -> None:
     report.plot_curves([dict(x, step=x["iteration"]) for x in results], os.path.join(workdir, "reward.png"),
                        (("eval_reward_mean", "eval_reward_std"), ("win_rate_vs_m0", None)),
                        title="reward-model DPO (held-out prompts, by iteration)")
-    _log("iteration {iteration}: held-out reward {eval_reward_mean:.4g}".format(**row)
-         + (f", win rate vs M_0 {row['win_rate_vs_m0']:.3f}" if "win_rate_vs_m0" in row else ""))
+    logging.info("iteration {iteration}: held-out reward {eval_reward_mean:.4g}".format(**row)
+                 + (f", win rate vs M_0 {row['win_rate_vs_m0']:.3f}" if "win_rate_vs_m0" in row else ""))

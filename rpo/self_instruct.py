@@ -51,11 +51,10 @@ import collections
 import dataclasses
 import os
 import random
-import time
-import sys
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from rpo import configlib, files, filters, irpo
 
@@ -66,10 +65,6 @@ FILTERS = ("answer_consistency", "self_consistency", "rip", "none")
 END_MARKER = {("verifiable", "cot"): "[Final Answer to New Question End]",
               ("verifiable", "self_instruct"): "[New Question End]",
               ("instruction", "cot"): "[New Prompt End]", ("instruction", "self_instruct"): "[New Prompt End]"}
-
-
-def _log(msg: str) -> None:
-    print(f"[rpo.self_instruct {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def check_config(cfg) -> None:
@@ -274,8 +269,8 @@ def run(cfg, workdir: str) -> dict:
               "reasons": dict(sorted(collections.Counter(r["reason"] for r in rejected).items())),
               "filter": s.filter, "template": template_name(cfg), "seeds": len(seeds)}
     files.write_json(os.path.join(workdir, "counts.json"), counts)
-    _log(f"{len(dataset)} of {len(prompts)} generations kept -> {workdir}/dataset.jsonl; rejected: "
-         + (", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"))
+    logging.info(f"{len(dataset)} of {len(prompts)} generations kept -> {workdir}/dataset.jsonl; rejected: "
+                 + (", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"))
 
     if s.then_irpo:
         if not dataset:

@@ -59,13 +59,13 @@ import functools
 import math
 import os
 import shutil
-import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from rpo import checkpoint as ckpt
 from rpo import distributed, files, losses, report, sharding
@@ -433,7 +433,7 @@ def _show(step: int, split: str, metrics: dict) -> None:
     if not distributed.is_main():
         return
     short = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k in _SHOWN)
-    print(f"[rpo.train] {split} step {step}: {short}", file=sys.stderr, flush=True)
+    logging.info(f"{split} step {step}: {short}")
 
 
 def export(model_config: ModelConfig, params: Params, path: str) -> None:
@@ -514,7 +514,7 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
     del params
     log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     if start and distributed.is_main():
-        print(f"[rpo.train] resumed from {mngr.directory} at step {start}", file=sys.stderr, flush=True)
+        logging.info(f"resumed from {mngr.directory} at step {start}")
 
     def evaluate(step):
         total = None
