@@ -379,13 +379,14 @@ def make_logps_fn(model_config: ModelConfig, mesh, rules, example_batch: Batch, 
 
 
 def add_reference_logps(
-    model_config: ModelConfig, params: Params, rows: list[dict], out_path: str, *, batch_size: int, seq_len: int,
-    pad_id: int, truncate: bool, chunk_size: int, mesh=None, rules=sharding.DEFAULT_RULES,
+    model_config: ModelConfig, params: Params, rows: list[dict], out_path: str | None, *, batch_size: int,
+    seq_len: int, pad_id: int, truncate: bool, chunk_size: int, mesh=None, rules=sharding.DEFAULT_RULES,
     on_batch: Callable[[int], Any] | None = None,
 ) -> list[dict]:
     """Computes the reference model's summed response log-probs of every pair by one jitted
     pass, sets 'ref_chosen_logp' / 'ref_rejected_logp' on the rows, and writes them to
-    `out_path` atomically. Returns the rows. on_batch(rows done in the batch): progress."""
+    `out_path` atomically (None: the caller writes them). Returns the rows. on_batch(rows done in
+    the batch): progress."""
     mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     pack = dict(seq_len=seq_len, pad_id=pad_id, truncate=truncate)
     fn = make_logps_fn(model_config, mesh, rules, make_batch([], "pairs", batch_size, **pack), chunk_size=chunk_size)
@@ -397,7 +398,8 @@ def add_reference_logps(
             row[_REF[0]], row[_REF[1]] = float(c), float(r)
         if on_batch is not None:
             on_batch(len(chunk))
-    files.write_jsonl(out_path, ({k: v for k, v in row.items() if not k.startswith("_")} for row in rows))
+    if out_path is not None:
+        files.write_jsonl(out_path, ({k: v for k, v in row.items() if not k.startswith("_")} for row in rows))
     return rows
 
 
