@@ -130,15 +130,15 @@ def pair_logps_over_training(pairs_path: str, train_dir: str, limit: int = 256) 
     training phase: (steps, [len(steps), 2])."""
     import tempfile
 
-    from rpo import files, irpo, train
+    from rpo import files, stages, train
     from rpo.models.hf import load_pretrained
 
     cfg = files.load_module(os.path.join(ROOT, "configs", "arith_tiny.py")).get_config()
     rows = files.read_jsonl(pairs_path)[:limit]
     steps, means = [0], []
     m0 = json.load(open(os.path.join(os.path.dirname(os.path.dirname(train_dir)), "irpo_config.json")))["model"]["path"]
-    paths = [m0] + [p for _, p in irpo.exports(train_dir)]
-    steps += [s for s, _ in irpo.exports(train_dir)]
+    paths = [m0] + [p for _, p in stages.exports(train_dir)]
+    steps += [s for s, _ in stages.exports(train_dir)]
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
             config, params = load_pretrained(path)

@@ -368,7 +368,7 @@ def waste(args) -> None:
     import jax
     import numpy as np
 
-    from rpo import irpo, sampling
+    from rpo import sampling, stages
     from rpo.data import get_task
     from rpo.files import load_module
     from rpo.models import load_pretrained
@@ -376,14 +376,14 @@ def waste(args) -> None:
     cfg = load_module(os.path.join(os.path.dirname(RESULTS), "..", "..", "configs", "smollm2.py")).get_config(
         f"gsm8k,runlocal,data={args.waste}")
     task = get_task(cfg.task)
-    tokenizer = irpo.task_tokenizer(cfg, task)
+    tokenizer = stages.task_tokenizer(cfg, task)
     config, params = load_pretrained(cfg.model.path)
     examples = task.load("test")
     new, temperature = args.new or 512, float(cfg.irpo.temperatures[0])
     rng = np.random.default_rng(0)
     lines_out = []
     for n, prompts_n in ((8, 8), (30, 4)):
-        rows = [irpo.encode(tokenizer, irpo.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos)
+        rows = [stages.encode(tokenizer, stages.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos)
                 for ex in examples[:prompts_n]]
         # The same call with the attention windows (the default) and without them (one window of all M slots,
         # the loop as it was before windows): the decode seconds of each, and whether the samples are equal.
@@ -454,7 +454,7 @@ def dtype_study(args) -> None:
     import jax
     import numpy as np
 
-    from rpo import irpo, sampling
+    from rpo import sampling, stages
     from rpo.data import get_task
     from rpo.files import load_module
     from rpo.models import load_pretrained
@@ -463,9 +463,9 @@ def dtype_study(args) -> None:
         f"gsm8k,runlocal,data={args.dtype_study}")
     cfg.task.max_examples = 64
     task = get_task(cfg.task)
-    tokenizer = irpo.task_tokenizer(cfg, task)
+    tokenizer = stages.task_tokenizer(cfg, task)
     examples = task.load("test")[:64]
-    rows = [irpo.encode(tokenizer, irpo.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos) for ex in examples]
+    rows = [stages.encode(tokenizer, stages.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos) for ex in examples]
     new = args.new or 128
     res = {}
     for dtype in ("float32", "bfloat16"):

@@ -40,7 +40,7 @@ def main():
 
     from scipy.stats import binomtest
 
-    from rpo import irpo
+    from rpo import stages
     from rpo.data import get_task
     from rpo.files import load_module
 
@@ -56,17 +56,17 @@ def main():
     workdir = args.workdir or os.path.join(ROOT, "runs", f"smollm2_eval_{args.task}_{args.n}")
     os.makedirs(workdir, exist_ok=True)
     task = get_task(cfg.task)
-    tokenizer = irpo.task_tokenizer(cfg, task)
+    tokenizer = stages.task_tokenizer(cfg, task)
     examples = task.load("test")[: args.n]
     rows = []
     for ex in examples:
-        prompt = irpo.prompt_text(cfg, task, tokenizer, ex)
-        rows.append({"uid": ex.uid, "prompt": prompt, "prompt_ids": irpo.encode(tokenizer, prompt, cfg.data.add_bos),
+        prompt = stages.prompt_text(cfg, task, tokenizer, ex)
+        rows.append({"uid": ex.uid, "prompt": prompt, "prompt_ids": stages.encode(tokenizer, prompt, cfg.data.add_bos),
                      "answer": ex.answer, "question": ex.question, "solution": ex.solution,
                      "choices": [list(c) for c in ex.choices]})
     t0 = time.time()
-    samples = irpo.sample_and_score(
-        irpo.Models(cfg), cfg.model.path, task, tokenizer, rows, os.path.join(workdir, "greedy"), n=1,
+    samples = stages.sample_and_score(
+        stages.Models(cfg), cfg.model.path, task, tokenizer, rows, os.path.join(workdir, "greedy"), n=1,
         temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens, chunk=args.chunk, seed=0,
         desc=f"{args.task} greedy")
     k = sum(s["correct"] for s in samples)

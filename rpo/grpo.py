@@ -17,7 +17,7 @@ train step and resumable stages.
            is left out of the batch (the normaliser still counts it; the batch is padded to one of
            grpo.train.row_buckets sizes, each compiled once): the same update for less compute.
      then, as IRPO does, the export (every select.every steps) best on the held-out training problems
-     is M_t, evaluated on the test split (greedy, maj@k, pass@k: rpo.irpo.evaluate).
+     is M_t, evaluated on the test split (greedy, maj@k, pass@k: rpo.stages.evaluate).
 
 So a GRPO "iteration" is a slice of the run that the results table and checkpoint selection treat like an IRPO
 iteration; configs/grpo_tiny.py sizes it to draw as many samples as an IRPO iteration does.
@@ -35,7 +35,7 @@ would still move the weights) and counted (skipped_steps). A reward function tha
 step, prompt and sample (grpo.on_reward_error='error'), or (='skip') the groups it hit are left out of the step
 and counted (reward_errors, skipped_groups).
 
-Stages and artifacts (workdir/...), resumable like rpo.irpo's:
+Stages and artifacts (workdir/...), resumable like rpo.irpo's (rpo.stages):
   data/, tokenizer/, iter0/ (warm start, eval.json)          as rpo.irpo
   iter<t>/train/checkpoints/   orbax state (params, AdamW, step): a killed phase resumes at its last checkpoint
                                (rollouts are a pure function of the state, the seed and the step)
@@ -50,17 +50,17 @@ Stages and artifacts (workdir/...), resumable like rpo.irpo's:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-import sys
-import time
 from typing import Callable
 
 import ml_collections
 import numpy as np
+from absl import logging
 
-from rpo import files, irpo
+from rpo import files, stages
 from rpo.configlib import ConfigError, bad
 
 CONFIG_NAME = "grpo_config.json"
@@ -73,10 +73,6 @@ CURVES = (("reward_mean", "reward_std"), ("zero_adv_fraction", None), ("response
 
 class RewardError(RuntimeError):
     """A reward function raised; the message names the step, the prompt and the sample."""
-
-
-def _log(msg: str) -> None:
-    print(f"[rpo.grpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,7 +165,7 @@ def task_rewards(task, require_finished: bool) -> Callable:
     """The default reward: (texts, prompt rows, finish reasons) -> 1.0 for a correct final answer (task.score), else
     0.0; with require_finished a sample cut off at max_new_tokens gets 0.0 (IRPO's winners are finished too)."""
     def rewards(texts, rows, reasons):
-        fields = irpo.task_fields(task, texts, rows)
+        fields = stages.task_fields(task, texts, rows)
         return [float(f["correct"] and (reason != "length" or not require_finished))
                 for f, reason in zip(fields, reasons)]
     return rewards
@@ -238,11 +234,20 @@ def _cached(key, build):
     return _COMPILED[key]
 
 
-def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[dict], *, model_path: str,
+def train_phase(cfg, t: int, models: stages.Models, task, tokenizer, rows: list[dict], *, model_path: str,
                 ref_path: str, out_dir: str, reward_fn: Callable,
                 on_step: Callable[[int, dict], None] | None = None) -> str:
     """Runs (or resumes) GRPO iteration t from model_path into out_dir; returns out_dir/final (an HF directory).
     on_step(step, metrics) is called after every step (a test hook: raising there simulates a crash)."""
+    stages.artifact(os.path.join(out_dir, stages.DONE), functools.partial(
+        _phase, cfg, t, models, task, tokenizer, rows, model_path=model_path, ref_path=ref_path, out_dir=out_dir,
+        reward_fn=reward_fn, on_step=on_step))
+    return os.path.join(out_dir, "final")
+
+
+def _phase(cfg, t: int, models: stages.Models, task, tokenizer, rows: list[dict], *, model_path: str, ref_path: str,
+           out_dir: str, reward_fn: Callable, on_step: Callable[[int, dict], None] | None) -> dict:
+    """The steps of train_phase; returns what its done.json records."""
     import jax
 
     from rpo import checkpoint as ckpt
@@ -250,8 +255,6 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
     from rpo.models.hf import load_model
 
     final = os.path.join(out_dir, "final")
-    if os.path.exists(os.path.join(out_dir, irpo.DONE)):
-        return final
     models.release()
     g, tc, lf = cfg.grpo, cfg.grpo.train, loss_fields(cfg)
     mesh, rules = models.mesh, models.rules
@@ -396,10 +399,9 @@ def train_phase(cfg, t: int, models: irpo.Models, task, tokenizer, rows: list[di
     if not os.path.isdir(final) or start < steps:
         train.export(model_config, state["params"], final)
     if distributed.is_main():
-        for path in [final] + [e for _, e in irpo.exports(out_dir)]:
+        for path in [final] + [e for _, e in stages.exports(out_dir)]:
             tokenizer.save_pretrained(path)
-    files.write_json(os.path.join(out_dir, irpo.DONE), {"steps": steps, "kind": "grpo"})
-    return final
+    return {"steps": steps, "kind": "grpo"}
 
 
 def row_unit(rows_per_step: int, buckets: int, multiple: int) -> int:
@@ -446,28 +448,11 @@ def phase_summary(out_dir: str) -> dict:
 
 
 def _data_config(cfg):
-    """What rpo.irpo.prepare_data reads, with GRPO's sampling budget where it reads IRPO's (irpo.max_new_tokens:
+    """What rpo.stages.prepare_data reads, with GRPO's sampling budget where it reads IRPO's (irpo.max_new_tokens:
     the room a prompt must leave in the context, and the gold-length warning)."""
     d = ml_collections.ConfigDict(cfg.to_dict())
     d.irpo = ml_collections.ConfigDict(dict(max_new_tokens=cfg.grpo.max_new_tokens))
     return d
-
-
-def warm_start(cfg, models, data, tokenizer, workdir: str) -> str:
-    """M_0 by SFT on the gold solutions of the training split (init.num_steps > 0), as rpo.irpo.run makes it."""
-    it_dir = os.path.join(workdir, "iter0")
-    sft_path = os.path.join(it_dir, "sft.jsonl")
-    if not os.path.exists(sft_path):
-        os.makedirs(it_dir, exist_ok=True)
-        gold = [{"prompt_ids": r["prompt_ids"], "response_ids": r["target_ids"], "uid": r["uid"]}
-                for r in data["train"] if "target_ids" in r]
-        if not gold:
-            raise ConfigError(f"config field seq_len={cfg.seq_len}: no train prompt has a gold response that fits with "
-                             f"it (see data/train_stats.json); the warm start has nothing to train on")
-        files.write_jsonl(sft_path, gold)
-    return irpo.train_phase(cfg, cfg.init, models, model_path=cfg.model.path, train_path=sft_path, kind="sft",
-                            out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
-                            desc="iter0 warm start (SFT on gold)")
 
 
 def run(cfg, workdir: str, *, reward_fn: Callable | None = None,
@@ -475,40 +460,29 @@ def run(cfg, workdir: str, *, reward_fn: Callable | None = None,
     """The whole GRPO experiment; returns the results rows (also workdir/results.json). reward_fn(texts, prompt
     rows, finish reasons) -> rewards replaces the task's (task_rewards); on_step(t, step, metrics) is a test hook."""
     from rpo import report
-    from rpo.data import get_task
 
     check_config(cfg)
-    os.makedirs(workdir, exist_ok=True)
-    irpo.check_same_run(cfg, workdir, record=False, name=CONFIG_NAME)
-    task = get_task(cfg.task)
-    tokenizer = irpo.task_tokenizer(cfg, task)
-    if not cfg.model.path and len(tokenizer) > cfg.model.random.vocab_size:
-        raise ConfigError(f"config field model.random.vocab_size: {cfg.model.random.vocab_size} < the tokenizer's "
-                         f"{len(tokenizer)} tokens")
-    models = irpo.Models(cfg)
-    data = irpo.prepare_data(_data_config(cfg), task, tokenizer, workdir, irpo.context_length(cfg))
-    irpo.check_same_run(cfg, workdir, record=True, name=CONFIG_NAME)
-    irpo.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
-    reward_fn = reward_fn or task_rewards(task, cfg.grpo.require_finished)
+    ctx = stages.open_run(cfg, workdir, config_name=CONFIG_NAME, data_cfg=_data_config(cfg))
+    reward_fn = reward_fn or task_rewards(ctx.task, cfg.grpo.require_finished)
     log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     results = []
     g = cfg.grpo
     try:
-        model_path = warm_start(cfg, models, data, tokenizer, workdir) if cfg.init.num_steps else cfg.model.path
+        model_path = (stages.warm_start(cfg, ctx.models, ctx.data["train"], ctx.tokenizer, workdir)
+                      if cfg.init.num_steps else cfg.model.path)
         initial = model_path
-        metrics, fresh = irpo.evaluate(models, model_path, task, tokenizer, data["test"], os.path.join(workdir, "iter0"),
-                                       cfg)
+        metrics, fresh = stages.evaluate(ctx, model_path, os.path.join(workdir, "iter0"))
         results.append({"iteration": 0, **metrics, "grpo_steps": 0, "samples": 0})
         _record(log if fresh else None, results, workdir)
         for t in range(1, g.iterations + 1):
             it_dir = os.path.join(workdir, f"iter{t}")
             train_dir = os.path.join(it_dir, "train")
             hook = None if on_step is None else (lambda step, m, t=t: on_step(t, step, m))
-            train_phase(cfg, t, models, task, tokenizer, data["train"], model_path=model_path,
+            train_phase(cfg, t, ctx.models, ctx.task, ctx.tokenizer, ctx.data["train"], model_path=model_path,
                         ref_path=initial if g.reference == "initial" else model_path, out_dir=train_dir,
                         reward_fn=reward_fn, on_step=hook)
-            model_path, choice = irpo.select_checkpoint(models, task, tokenizer, data["heldout"], train_dir, it_dir, cfg)
-            metrics, fresh = irpo.evaluate(models, model_path, task, tokenizer, data["test"], it_dir, cfg)
+            model_path, choice = stages.select_checkpoint(ctx, train_dir, it_dir)
+            metrics, fresh = stages.evaluate(ctx, model_path, it_dir)
             held = choice["heldout_accuracy"].get(str(choice["chosen_step"]))
             results.append({"iteration": t, **metrics, **phase_summary(train_dir),
                             "grpo_steps": results[-1]["grpo_steps"] + choice["chosen_step"],
@@ -533,8 +507,8 @@ def _record(log, results, workdir) -> None:
     steps = step_rows(workdir, len(results) - 1)
     if steps:
         report.plot_curves(steps, os.path.join(workdir, "grpo_curves.png"), CURVES, title="GRPO steps")
-    _log("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)
-         + (f", train reward {row['train_reward_mean']:.3f}" if "train_reward_mean" in row else ""))
+    logging.info("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)
+                 + (f", train reward {row['train_reward_mean']:.3f}" if "train_reward_mean" in row else ""))
 
 
 def step_rows(workdir: str, iterations: int) -> list[dict]:
@@ -546,5 +520,5 @@ def step_rows(workdir: str, iterations: int) -> list[dict]:
             break
         by_step = {r["step"]: r for r in files.read_jsonl(path) if r.get("split") == "train"}
         out += [dict(by_step[s], step=offset + s) for s in sorted(by_step)]
-        offset += json.load(open(os.path.join(workdir, f"iter{t}", "train", irpo.DONE)))["steps"]
+        offset += json.load(open(os.path.join(workdir, f"iter{t}", "train", stages.DONE)))["steps"]
     return out

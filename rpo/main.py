@@ -8,6 +8,7 @@ Without --config it runs configs/arith_tiny.py (Iterative RPO on the synthetic t
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rpo import distributed, files
+from rpo import distributed, files, report
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arith_tiny.py")
 
@@ -69,21 +70,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<mode>-<time>).")
 
 
-def _log(msg: str) -> None:
-    print(f"[rpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def _load_model(config):
     from rpo import sharding
     from rpo.models.hf import load_model
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     what = config.model.path or f"a random {config.model.random.model_type} (model.path is empty)"
-    _log(f"loading {what} ({config.model.dtype}) onto a {dict(mesh.shape)} mesh")
+    logging.info(f"loading {what} ({config.model.dtype}) onto a {dict(mesh.shape)} mesh")
     model_config, params = load_model(
         config.model, param_dtype=config.model.dtype, shardings_for=lambda c: sharding.param_shardings(c, mesh)
     )
-    _log(f"{model_config.model_type}: {model_config.num_params / 1e6:.2f}M params")
+    logging.info(f"{model_config.model_type}: {model_config.num_params / 1e6:.2f}M params")
     return model_config, params, mesh
 
 
@@ -94,14 +91,15 @@ def sample_job(config, workdir: str) -> str:
     model_config, params, mesh = _load_model(config)
     s = config.sample
     prompts = [list(p) for p in s.prompts]
-    _log(f"sampling {len(prompts)} prompts x {s.n}, up to {s.max_new_tokens} new tokens, temperature {s.temperature}")
+    logging.info(f"sampling {len(prompts)} prompts x {s.n}, up to {s.max_new_tokens} new tokens, "
+                 f"temperature {s.temperature}")
     t0 = time.time()
     out = sampling.generate(
         model_config, params, prompts, n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
         top_p=s.top_p, top_k=s.top_k, seed=config.seed, mesh=mesh,
     )
     n_tokens = sum(len(c) for per_prompt in out.tokens for c in per_prompt)
-    _log(f"{n_tokens} tokens in {time.time() - t0:.1f}s (compile included)")
+    logging.info(f"{n_tokens} tokens in {time.time() - t0:.1f}s (compile included)")
     path = os.path.join(workdir, "samples.jsonl")
     files.write_jsonl(
         path,
@@ -111,7 +109,7 @@ def sample_job(config, workdir: str) -> str:
             for j, (toks, lps) in enumerate(zip(out.tokens[i], out.logprobs[i]))
         ),
     )
-    _log(f"wrote {path}")
+    logging.info(f"wrote {path}")
     return path
 
 
@@ -126,40 +124,38 @@ def irpo_job(config, workdir: str) -> None:
     """The Iterative RPO loop (or a baseline): rpo.irpo.run."""
     from rpo import irpo
 
-    from rpo import report
-
     rows = irpo.run(config, workdir)
     shown = ("iteration", "greedy_accuracy", "maj_accuracy", "train_sample_accuracy", "winner_precision", "pairs",
              "selected_step", "heldout_accuracy", "train_steps")
     table = report.format_table([{k: row[k] for k in shown if k in row} for row in rows])
-    _log(f"results ({workdir}/results.json, accuracy.png):\n{table}")
+    logging.info(f"results ({workdir}/results.json, accuracy.png):\n{table}")
 
 
 def grpo_job(config, workdir: str) -> None:
     """GRPO on a task (rpo.grpo.run): the same stages, evaluation and results table as IRPO."""
-    from rpo import grpo, report
+    from rpo import grpo
 
     rows = grpo.run(config, workdir)
     shown = ("iteration", "greedy_accuracy", "maj_accuracy", "train_reward_mean", "train_zero_adv_fraction",
              "grpo_steps", "samples")
     table = report.format_table([{k: row[k] for k in shown if k in row} for row in rows])
-    _log(f"results ({workdir}/results.json, accuracy.png, grpo_curves.png):\n{table}")
+    logging.info(f"results ({workdir}/results.json, accuracy.png, grpo_curves.png):\n{table}")
 
 
 def rm_dpo_job(config, workdir: str) -> None:
     """DPO on best-vs-worst pairs chosen by a reward model (rpo.rm_dpo.run)."""
-    from rpo import report, rm_dpo
+    from rpo import rm_dpo
 
     rows = rm_dpo.run(config, workdir)
     shown = ("iteration", "eval_reward_mean", "win_rate_vs_m0", "train_reward_mean", "pairs")
     table = report.format_table([{k: row[k] for k in shown if k in row} for row in rows])
-    _log(f"results ({workdir}/results.json, reward.png):\n{table}")
+    logging.info(f"results ({workdir}/results.json, reward.png):\n{table}")
 
 
 def self_instruct_job(config, workdir: str) -> None:
     """CoT-Self-Instruct synthesis and filtering (then IRPO with synth.then_irpo, or the method of a `chain`
     block: rpo.chain): rpo.self_instruct.run."""
-    from rpo import chain, report, self_instruct
+    from rpo import chain, self_instruct
 
     if chain.chained(config):
         counts = chain.run(config, workdir)
@@ -167,19 +163,29 @@ def self_instruct_job(config, workdir: str) -> None:
         counts = self_instruct.run(config, workdir)
     rows = [{"outcome": "kept", "count": counts["kept"]}] + [
         {"outcome": f"rejected: {k}", "count": v} for k, v in counts["reasons"].items()]
-    _log(f"{counts['generations']} generations ({workdir}/dataset.jsonl, rejected.jsonl, counts.json):\n"
-         + report.format_table(rows))
+    logging.info(f"{counts['generations']} generations ({workdir}/dataset.jsonl, rejected.jsonl, counts.json):\n"
+                 + report.format_table(rows))
 
 
-JOBS = {"irpo": irpo_job, "grpo": grpo_job, "rm_dpo": rm_dpo_job, "sample": sample_job,
-        "self_instruct": self_instruct_job, "train": train_job}
+def _logged(job):
+    """A job that shows rpo's log messages on stderr however it is called (by main, or from Python)."""
+    @functools.wraps(job)
+    def run(config, workdir: str):
+        report.log_to_stderr()
+        return job(config, workdir)
+    return run
+
+
+JOBS = {name: _logged(job) for name, job in (
+    ("irpo", irpo_job), ("grpo", grpo_job), ("rm_dpo", rm_dpo_job), ("sample", sample_job),
+    ("self_instruct", self_instruct_job), ("train", train_job))}
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.initialize()  # several hosts: RPO_* / SLURM / Cloud TPU environment (rpo.distributed)
-    logging.set_verbosity(logging.WARNING)  # orbax / XLA chatter; rpo reports its own progress
+    report.log_to_stderr()  # rpo's messages at INFO; orbax / XLA only from WARNING up (their INFO is chatter)
     config = _CONFIG.value
     if config.mode not in JOBS:
         raise app.UsageError(f"--config: field mode={config.mode!r} is not one of {sorted(JOBS)}")

@@ -11,6 +11,7 @@
                     imported on first use).
   plot_curves       a PNG of per-step training metrics (e.g. GRPO's reward, zero-advantage fraction,
                     response length, clip fraction, KL, entropy), one panel each, a spread as a band.
+  log_to_stderr     rpo's log messages (absl logging) on stderr, one line each: "[rpo.irpo 12:34:56] ...".
 On several processes (rpo.distributed) only process 0 shows progress bars and writes logs and
 event files; elsewhere they are silent no-ops, so callers need not branch. results.json and the
 plot go through rpo.files (written by process 0, called by every process).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import sys
@@ -190,3 +192,67 @@ def plot_curves(rows: Sequence[Mapping], png_path: str, columns: Sequence[tuple[
     with files.atomic_write(png_path, "wb") as f:
         fig.savefig(f, format="png")
     return [c for c, _ in panels]
+
+
+# ---------------------------------------------------------------------------------------
+# Log messages
+# ---------------------------------------------------------------------------------------
+
+_RPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rpo_module(record: logging.LogRecord) -> str | None:
+    """The dotted name of the rpo module that logged the record (absl logs every message under one logger, "absl",
+    with the caller's file as its pathname), or None for another library's."""
+    path = os.path.abspath(record.pathname)
+    if not path.startswith(_RPO_DIR + os.sep):
+        return None
+    return "rpo." + os.path.splitext(os.path.relpath(path, _RPO_DIR))[0].replace(os.sep, ".")
+
+
+class _LineFormatter(logging.Formatter):
+    """"[rpo.irpo 12:34:56] message" ("[<module> 12:34:56 WARNING] ..." above INFO, or from another library)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        where = _rpo_module(record) or (record.module if record.name == "absl" else record.name)
+        level = "" if record.levelno == logging.INFO else f" {record.levelname}"
+        text = f"[{where} {time.strftime('%H:%M:%S', time.localtime(record.created))}{level}] {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment (pytest's capsys swaps it), not the one of its creation."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(_LineFormatter())
+        self.addFilter(lambda r: r.levelno >= logging.WARNING or _rpo_module(r) is not None)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def log_to_stderr() -> None:
+    """Shows absl logging, which rpo logs with, on stderr: rpo's messages from INFO up, other libraries' (orbax, jax)
+    from WARNING up (their INFO is chatter), one line each (_LineFormatter). It takes the place of absl's own
+    handler, which absl.app.run puts on the root logger: that one writes to the stderr of its creation once flags
+    are parsed, and warns "Logging before flag parsing" first when they are not (a test, a script without app.run);
+    and of a plain stderr handler (logging.basicConfig's), which would print every line twice. rpo.main's jobs call
+    it; idempotent."""
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    for h in list(root.handlers):  # absl's, and logging.basicConfig's (absl.logging.info adds it when there is none)
+        if h is absl_logging.get_absl_handler() or (type(h) is logging.StreamHandler
+                                                      and h.stream in (sys.stderr, sys.__stderr__)):
+            root.removeHandler(h)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        root.addHandler(_StderrHandler())
+    absl_logging.set_verbosity(absl_logging.INFO)

@@ -12,7 +12,7 @@ train on their synthetic instructions this way), as resumable stages.
       -> M_t evaluated on the held-out prompts: the reward model's mean score of its greedy responses, and how
          often that beats M_0's greedy response to the same prompt (win rate, ties count half)
 
-Stages and artifacts (workdir/...), each skipped when its file exists:
+Stages and artifacts (workdir/...), each skipped when its file exists (rpo.stages.artifact):
   prompts.jsonl, eval_prompts.jsonl  the training and held-out prompts (uid, question, prompt text and ids)
   tokenizer/                         the policy's tokenizer
   iter0/eval.json, iter0/eval_greedy/  M_0's greedy responses and their scores
@@ -25,21 +25,16 @@ Stages and artifacts (workdir/...), each skipped when its file exists:
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import sys
-import time
 
 import numpy as np
+from absl import logging
 
-from rpo import files, irpo
+from rpo import files, stages
 from rpo.configlib import ConfigError, bad
 
 CONFIG_NAME = "rm_dpo_config.json"
-
-
-def _log(msg: str) -> None:
-    print(f"[rpo.rm_dpo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def check_config(cfg) -> None:
@@ -67,10 +62,15 @@ def check_config(cfg) -> None:
 def load_prompts(cfg, tokenizer, workdir: str, context: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) prompt rows: the file's rows in order, the last rm_dpo.eval_prompts held out. A prompt with
     no room for max_new_tokens in the context is an error or (data.long_prompts='skip') skipped and counted."""
+    held = os.path.join(workdir, "eval_prompts.jsonl")
+    train = stages.artifact(os.path.join(workdir, "prompts.jsonl"),
+                            lambda: _train_prompts(cfg, tokenizer, workdir, context, held))
+    return train, files.read_jsonl(held)
+
+
+def _train_prompts(cfg, tokenizer, workdir: str, context: int, held_path: str) -> list[dict]:
+    """The rows of prompts.jsonl; writes prompts_stats.json and the held-out rows to held_path first."""
     r = cfg.rm_dpo
-    paths = [os.path.join(workdir, "prompts.jsonl"), os.path.join(workdir, "eval_prompts.jsonl")]
-    if all(os.path.exists(p) for p in paths):
-        return files.read_jsonl(paths[0]), files.read_jsonl(paths[1])
     if not os.path.isfile(r.prompts_file):
         raise ConfigError(f"config field rm_dpo.prompts_file: {r.prompts_file} does not exist")
     rows, skipped = [], []
@@ -80,8 +80,8 @@ def load_prompts(cfg, tokenizer, workdir: str, context: int) -> tuple[list[dict]
         if not isinstance(q, str) or not q.strip():
             raise ValueError(f"{r.prompts_file}:{n}: no 'question' string")
         uid = str(obj.get("uid", f"{os.path.basename(r.prompts_file)}/{n}"))
-        text = irpo.chat_wrap(cfg, tokenizer, q)
-        ids = irpo.encode(tokenizer, text, cfg.data.add_bos)
+        text = stages.chat_wrap(cfg, tokenizer, q)
+        ids = stages.encode(tokenizer, text, cfg.data.add_bos)
         if len(ids) + room > context:
             if cfg.data.long_prompts == "error":
                 raise ValueError(f"{r.prompts_file}:{n}: the prompt has {len(ids)} tokens; with {room} new tokens it "
@@ -94,12 +94,11 @@ def load_prompts(cfg, tokenizer, workdir: str, context: int) -> tuple[list[dict]
                          f"usable prompts")
     train, held = rows[: -r.eval_prompts], rows[-r.eval_prompts:]
     if skipped:
-        _log(f"skipped {len(skipped)} prompts too long for the context (first: {skipped[0]})")
+        logging.info(f"skipped {len(skipped)} prompts too long for the context (first: {skipped[0]})")
     files.write_json(os.path.join(workdir, "prompts_stats.json"), {"train": len(train), "eval": len(held),
                                                                     "skipped_long_prompts": len(skipped)})
-    files.write_jsonl(paths[1], held)
-    files.write_jsonl(paths[0], train)  # last: its presence marks the stage done
-    return train, held
+    files.write_jsonl(held_path, held)
+    return train  # prompts.jsonl, written last: its presence marks the stage done
 
 
 def reward_scores(cfg, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -121,19 +120,18 @@ def reward_scores(cfg, prompts: list[str], responses: list[str]) -> np.ndarray:
 def _respond(models, model_path, tokenizer, rows, out_dir, cfg, *, n, temperature, max_new_tokens, seed, desc):
     r = cfg.rm_dpo
     none = lambda texts, block: [{} for _ in texts]  # noqa: E731
-    return irpo.sample_and_score(models, model_path, None, tokenizer, rows, out_dir, n=n, temperature=temperature,
-                                 top_p=r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens, chunk=r.chunk_prompts,
-                                 seed=seed, desc=desc, stop=[], score=none)
+    return stages.sample_and_score(models, model_path, None, tokenizer, rows, out_dir, n=n, temperature=temperature,
+                                   top_p=r.top_p, top_k=r.top_k, max_new_tokens=max_new_tokens, chunk=r.chunk_prompts,
+                                   seed=seed, desc=desc, stop=[], score=none)
 
 
 def _scored(cfg, rows, responses, path) -> list[dict]:
     """responses with a 'score' each (rows[i] is the prompt of responses[i]), written to `path` once."""
-    if not os.path.exists(path):
+    def score() -> list[dict]:
         scores = reward_scores(cfg, [r["question"] for r in rows], [x["text"] for x in responses])
-        files.write_jsonl(path, ({"uid": x["uid"], "sample": x["sample"], "score": float(s)}
-                                 for x, s in zip(responses, scores)))
-    scores = files.read_jsonl(path)
-    return [dict(x, score=s["score"]) for x, s in zip(responses, scores)]
+        return [{"uid": x["uid"], "sample": x["sample"], "score": float(s)} for x, s in zip(responses, scores)]
+
+    return [dict(x, score=s["score"]) for x, s in zip(responses, stages.artifact(path, score))]
 
 
 def best_vs_worst(prompts: list[dict], responses: list[list[dict]], *, max_len: int) -> tuple[list[dict], dict]:
@@ -161,12 +159,25 @@ def best_vs_worst(prompts: list[dict], responses: list[list[dict]], *, max_len: 
     return pairs, stats
 
 
+def _pairs(t: int, prompts: list[dict], responses: list[dict], k: int, max_len: int) -> tuple[list[dict], dict]:
+    """Iteration t's best-vs-worst pairs of the k scored responses per prompt; (rows, stats)."""
+    pairs, stats = best_vs_worst(prompts, [responses[i * k: (i + 1) * k] for i in range(len(prompts))], max_len=max_len)
+    if not pairs:
+        raise RuntimeError(f"iteration {t}: no pair ({stats}); every prompt's responses scored alike")
+    logging.info(f"iter{t} pairs: " + ", ".join(f"{a}={b}" for a, b in stats.items()))
+    return pairs, stats
+
+
 def evaluate(cfg, models, model_path, tokenizer, held, it_dir, baseline: list[float] | None) -> tuple[dict, bool]:
     """Greedy responses to the held-out prompts, scored: it_dir/eval.json {eval_reward_mean, eval_reward_std,
     win_rate_vs_m0 (against `baseline`, M_0's scores, when given; ties count half)}."""
     path = os.path.join(it_dir, "eval.json")
-    if os.path.exists(path):
-        return json.load(open(path)), False
+    fresh = not os.path.exists(path)
+    return stages.artifact(path, lambda: _held_out_metrics(cfg, models, model_path, tokenizer, held, it_dir,
+                                                           baseline)), fresh
+
+
+def _held_out_metrics(cfg, models, model_path, tokenizer, held, it_dir, baseline: list[float] | None) -> dict:
     r = cfg.rm_dpo
     greedy = _respond(models, model_path, tokenizer, held, os.path.join(it_dir, "eval_greedy"), cfg, n=1,
                       temperature=0.0, max_new_tokens=r.eval_max_new_tokens, seed=cfg.seed,
@@ -177,8 +188,7 @@ def evaluate(cfg, models, model_path, tokenizer, held, it_dir, baseline: list[fl
     if baseline is not None:
         b = np.asarray(baseline)
         out["win_rate_vs_m0"] = float(np.mean((s > b) + 0.5 * (s == b)))
-    files.write_json(path, out)
-    return out, True
+    return out
 
 
 def run(cfg, workdir: str) -> list[dict]:
@@ -187,14 +197,14 @@ def run(cfg, workdir: str) -> list[dict]:
 
     check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
-    irpo.check_same_run(cfg, workdir, record=True, name=CONFIG_NAME)
+    stages.check_same_run(cfg, workdir, record=True, name=CONFIG_NAME)
     from rpo.models.hf import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.path)
-    context = irpo.context_length(cfg)
-    train_rows, held = load_prompts(cfg, tokenizer, workdir, irpo.model_context(cfg)[0])
-    irpo.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
-    models = irpo.Models(cfg)
+    context = stages.context_length(cfg)
+    train_rows, held = load_prompts(cfg, tokenizer, workdir, stages.model_context(cfg)[0])
+    stages.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
+    models = stages.Models(cfg)
     r = cfg.rm_dpo
     log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     results = []
@@ -212,19 +222,14 @@ def run(cfg, workdir: str) -> list[dict]:
                                  seed=cfg.seed + 1_000_003 * t, desc=f"iter{t} respond x{k}")
             responses = _scored(cfg, [p for p in train_rows for _ in range(k)], responses,
                                 os.path.join(it_dir, "scores.jsonl"))
-            pairs_path, stats_path = os.path.join(it_dir, "pairs.jsonl"), os.path.join(it_dir, "pairs_stats.json")
-            if not os.path.exists(pairs_path):
-                pairs, stats = best_vs_worst(train_rows, [responses[i * k: (i + 1) * k] for i in range(len(train_rows))],
-                                             max_len=context)
-                if not pairs:
-                    raise RuntimeError(f"iteration {t}: no pair ({stats}); every prompt's responses scored alike")
-                _log(f"iter{t} pairs: " + ", ".join(f"{a}={b}" for a, b in stats.items()))
-                files.write_json(stats_path, stats)
-                irpo.add_reference(models, model_path, pairs, pairs_path, cfg, desc=f"iter{t} reference log-probs")
-            stats = json.load(open(stats_path))
-            model_path = irpo.train_phase(cfg, cfg.train, models, model_path=model_path, train_path=pairs_path,
-                                          kind="pairs", out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
-                                          desc=f"iter{t} train ({cfg.train.loss.kind})")
+            pairs = functools.cache(lambda: _pairs(t, train_rows, responses, k, context))  # the same when rebuilt
+            stats = stages.artifact(os.path.join(it_dir, "pairs_stats.json"), lambda: pairs()[1])  # before pairs.jsonl
+            pairs_path = os.path.join(it_dir, "pairs.jsonl")
+            stages.artifact(pairs_path, lambda: stages.add_reference(models, model_path, pairs()[0], cfg,
+                                                                     desc=f"iter{t} reference log-probs"), read=False)
+            model_path = stages.train_phase(cfg, cfg.train, models, model_path=model_path, train_path=pairs_path,
+                                            kind="pairs", out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
+                                            desc=f"iter{t} train ({cfg.train.loss.kind})")
             metrics, fresh = evaluate(cfg, models, model_path, tokenizer, held, it_dir, baseline)
             sc = np.asarray([x["score"] for x in responses])
             results.append({"iteration": t, **metrics, "train_reward_mean": float(sc.mean()),
@@ -246,5 +251,5 @@ def _record(log, results, workdir) -> None:
     report.plot_curves([dict(x, step=x["iteration"]) for x in results], os.path.join(workdir, "reward.png"),
                        (("eval_reward_mean", "eval_reward_std"), ("win_rate_vs_m0", None)),
                        title="reward-model DPO (held-out prompts, by iteration)")
-    _log("iteration {iteration}: held-out reward {eval_reward_mean:.4g}".format(**row)
-         + (f", win rate vs M_0 {row['win_rate_vs_m0']:.3f}" if "win_rate_vs_m0" in row else ""))
+    logging.info("iteration {iteration}: held-out reward {eval_reward_mean:.4g}".format(**row)
+                 + (f", win rate vs M_0 {row['win_rate_vs_m0']:.3f}" if "win_rate_vs_m0" in row else ""))

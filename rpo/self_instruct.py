@@ -26,8 +26,8 @@ synth.filter:
   none                parsing and near-duplicate removal only
 Majority votes come from rpo.consistency (the jitted vote IRPO's evaluation uses), through rpo.filters.
 
-Stages (workdir/...), resumable like rpo.irpo's: a stage whose file exists is skipped; sampling resumes at its
-first unwritten chunk:
+Stages (workdir/...), resumable like rpo.irpo's (rpo.stages): a stage whose file exists is skipped; sampling
+resumes at its first unwritten chunk:
   seeds.jsonl                  the seed pool
   init/train/final/            the warm start, when init.num_steps > 0 (arith only: see below)
   generate/prompts.jsonl       one synthesis prompt per generation (its two seeds)
@@ -51,13 +51,12 @@ import collections
 import dataclasses
 import os
 import random
-import time
-import sys
 
 import ml_collections
 import numpy as np
+from absl import logging
 
-from rpo import configlib, files, filters, irpo
+from rpo import configlib, files, filters, stages
 
 KINDS = ("verifiable", "instruction")
 METHODS = ("cot", "self_instruct")
@@ -66,10 +65,6 @@ FILTERS = ("answer_consistency", "self_consistency", "rip", "none")
 END_MARKER = {("verifiable", "cot"): "[Final Answer to New Question End]",
               ("verifiable", "self_instruct"): "[New Question End]",
               ("instruction", "cot"): "[New Prompt End]", ("instruction", "self_instruct"): "[New Prompt End]"}
-
-
-def _log(msg: str) -> None:
-    print(f"[rpo.self_instruct {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def check_config(cfg) -> None:
@@ -189,22 +184,19 @@ def run(cfg, workdir: str) -> dict:
     check_config(cfg)
     s = cfg.synth
     os.makedirs(workdir, exist_ok=True)
-    irpo.check_same_run(cfg, workdir, record=True, name="self_instruct_config.json")
+    stages.check_same_run(cfg, workdir, record=True, name="self_instruct_config.json")
     task = get_task(cfg.task)
-    tokenizer = irpo.task_tokenizer(cfg, task)
-    irpo.context_length(cfg)  # checks seq_len (warm-start rows) against the model
-    context = irpo.model_context(cfg)[0]  # prompt + new tokens must fit when sampling
-    models = irpo.Models(cfg)
+    tokenizer = stages.task_tokenizer(cfg, task)
+    stages.context_length(cfg)  # checks seq_len (warm-start rows) against the model
+    context = stages.model_context(cfg)[0]  # prompt + new tokens must fit when sampling
+    models = stages.Models(cfg)
     template = filters.load_template(template_name(cfg))
 
-    seeds_path = os.path.join(workdir, "seeds.jsonl")
-    if not os.path.exists(seeds_path):
-        files.write_jsonl(seeds_path, load_seeds(cfg, task))
-    seeds = files.read_jsonl(seeds_path)
-    irpo.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
+    seeds = stages.artifact(os.path.join(workdir, "seeds.jsonl"), lambda: load_seeds(cfg, task))
+    stages.save_tokenizer(tokenizer, os.path.join(workdir, "tokenizer"))
 
     def synthesis_prompt(a: dict, b: dict) -> str:
-        return irpo.chat_wrap(cfg, tokenizer, template.format(seed1=a["question"], seed2=b["question"]))
+        return stages.chat_wrap(cfg, tokenizer, template.format(seed1=a["question"], seed2=b["question"]))
 
     model_path = cfg.model.path
     if cfg.init.num_steps:
@@ -212,24 +204,24 @@ def run(cfg, workdir: str) -> dict:
 
     # Generation.
     gen_dir = os.path.join(workdir, "generate")
-    prompts_path = os.path.join(gen_dir, "prompts.jsonl")
-    if not os.path.exists(prompts_path):
+
+    def synthesis_prompts() -> list[dict]:
         pairs = seed_pairs(seeds, s.num_generations, np.random.default_rng([cfg.seed, 2]))
         rows = []
         for g, (a, b) in enumerate(pairs):
             text = synthesis_prompt(seeds[a], seeds[b])
             rows.append({"uid": f"synth/{g}", "seeds": [seeds[a]["uid"], seeds[b]["uid"]],
                          "category": seeds[a]["category"], "prompt": text,
-                         "prompt_ids": irpo.encode(tokenizer, text, cfg.data.add_bos)})
-        os.makedirs(gen_dir, exist_ok=True)
-        files.write_jsonl(prompts_path, rows)
-    prompts = files.read_jsonl(prompts_path)
+                         "prompt_ids": stages.encode(tokenizer, text, cfg.data.add_bos)})
+        return rows
+
+    prompts = stages.artifact(os.path.join(gen_dir, "prompts.jsonl"), synthesis_prompts)
     fits = [r for r in prompts if len(r["prompt_ids"]) + s.max_new_tokens <= context]
 
     def parsed_fields(texts, rows):
         return [dataclasses.asdict(parse_generation(t, s.kind, s.method)) for t in texts]
 
-    gens = irpo.sample_and_score(
+    gens = stages.sample_and_score(
         models, model_path, None, tokenizer, fits, os.path.join(gen_dir, "samples"), n=1, temperature=s.temperature,
         top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens, chunk=s.chunk_prompts, seed=cfg.seed + 11,
         desc="self-instruct generate", stop=[END_MARKER[(s.kind, s.method)]], score=parsed_fields)
@@ -274,10 +266,12 @@ def run(cfg, workdir: str) -> dict:
               "reasons": dict(sorted(collections.Counter(r["reason"] for r in rejected).items())),
               "filter": s.filter, "template": template_name(cfg), "seeds": len(seeds)}
     files.write_json(os.path.join(workdir, "counts.json"), counts)
-    _log(f"{len(dataset)} of {len(prompts)} generations kept -> {workdir}/dataset.jsonl; rejected: "
-         + (", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"))
+    logging.info(f"{len(dataset)} of {len(prompts)} generations kept -> {workdir}/dataset.jsonl; rejected: "
+                 + (", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"))
 
     if s.then_irpo:
+        from rpo import irpo
+
         if not dataset:
             raise RuntimeError(f"synth.then_irpo: {workdir}/dataset.jsonl is empty, nothing to train on")
         icfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -298,29 +292,31 @@ def _warm_start(cfg, task, tokenizer, seeds, synthesis_prompt, models, workdir) 
         raise configlib.ConfigError(f"config field init.num_steps: the warm start writes demonstrations with task.new_problem, "
                          f"which task {task.name} does not have; set model.path to an instruction-following model")
     path = os.path.join(workdir, "init", "sft.jsonl")
-    if not os.path.exists(path):
+
+    def demos() -> list[dict]:
         rows = []
         for ex in task.load("train"):
-            prompt = irpo.prompt_text(cfg, task, tokenizer, ex)
-            rows.append({"prompt_ids": irpo.encode(tokenizer, prompt, cfg.data.add_bos),
-                         "response_ids": irpo.encode(tokenizer, task.target(ex), False) + [tokenizer.eos_token_id]})
+            prompt = stages.prompt_text(cfg, task, tokenizer, ex)
+            rows.append({"prompt_ids": stages.encode(tokenizer, prompt, cfg.data.add_bos),
+                         "response_ids": stages.encode(tokenizer, task.target(ex), False) + [tokenizer.eos_token_id]})
         rng = random.Random(f"{cfg.seed}/demos")
         pairs = seed_pairs(seeds, cfg.init.num_demos, np.random.default_rng([cfg.seed, 3]))
         for a, b in pairs:
             new = task.new_problem(rng)
             response = demo_response(cfg.synth.kind, cfg.synth.method, new.question, new.solution, new.answer)
-            rows.append({"prompt_ids": irpo.encode(tokenizer, synthesis_prompt(seeds[a], seeds[b]), cfg.data.add_bos),
-                         "response_ids": irpo.encode(tokenizer, response, False) + [tokenizer.eos_token_id]})
+            rows.append({"prompt_ids": stages.encode(tokenizer, synthesis_prompt(seeds[a], seeds[b]), cfg.data.add_bos),
+                         "response_ids": stages.encode(tokenizer, response, False) + [tokenizer.eos_token_id]})
         too_long = [n for n, r in enumerate(rows) if len(r["prompt_ids"]) + len(r["response_ids"]) > cfg.seq_len]
         if too_long:
             raise configlib.ConfigError(f"config field seq_len={cfg.seq_len}: {len(too_long)} warm-start rows are longer "
                              f"(row {too_long[0]} of {path}); raise it or shorten synth.template")
         rng.shuffle(rows)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        files.write_jsonl(path, rows)
-    return irpo.train_phase(cfg, cfg.init, models, model_path=cfg.model.path, train_path=path, kind="sft",
-                            out_dir=os.path.join(workdir, "init", "train"), tokenizer=tokenizer,
-                            desc="warm start (gold + synthesis demos)")
+        return rows
+
+    stages.artifact(path, demos, read=False)
+    return stages.train_phase(cfg, cfg.init, models, model_path=cfg.model.path, train_path=path, kind="sft",
+                              out_dir=os.path.join(workdir, "init", "train"), tokenizer=tokenizer,
+                              desc="warm start (gold + synthesis demos)")
 
 
 def _consistency_filter(cfg, task, tokenizer, models, model_path, candidates, workdir, context):
@@ -337,7 +333,7 @@ def _consistency_filter(cfg, task, tokenizer, models, model_path, candidates, wo
                 rejected.append({**c, "reason": "answer_not_for_task"})
                 continue
         scorable.append(c)
-    rows = _with_prompts(cfg, tokenizer, scorable, context, rejected, lambda c: irpo.prompt_text(
+    rows = _with_prompts(cfg, tokenizer, scorable, context, rejected, lambda c: stages.prompt_text(
         cfg, task, tokenizer, Example(c["uid"], c["question"], c["answer"] or "")))
 
     def answers_voted(texts, block):
@@ -349,7 +345,7 @@ def _consistency_filter(cfg, task, tokenizer, models, model_path, candidates, wo
         return [{"answer": r["answer"] if ok else a} for a, ok, r in zip(answers, same, block)]
 
     k = s.num_solutions
-    sols = irpo.sample_and_score(
+    sols = stages.sample_and_score(
         models, model_path, task, tokenizer, rows, os.path.join(workdir, "solve"), n=k,
         temperature=s.solve_temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.solve_max_new_tokens,
         chunk=s.chunk_prompts, seed=cfg.seed + 13, desc=f"self-instruct solve x{k}", score=answers_voted)
@@ -367,10 +363,10 @@ def _rip_filter(cfg, tokenizer, models, model_path, candidates, workdir, context
     s = cfg.synth
     rejected = []
     rows = _with_prompts(cfg, tokenizer, candidates, context, rejected,
-                         lambda c: irpo.chat_wrap(cfg, tokenizer, c["question"]))
+                         lambda c: stages.chat_wrap(cfg, tokenizer, c["question"]))
     k = s.num_solutions
     none = lambda texts, block: [{} for _ in texts]  # noqa: E731
-    responses = irpo.sample_and_score(
+    responses = stages.sample_and_score(
         models, model_path, None, tokenizer, rows, os.path.join(workdir, "respond"), n=k,
         temperature=s.solve_temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.solve_max_new_tokens,
         chunk=s.chunk_prompts, seed=cfg.seed + 17, desc=f"self-instruct respond x{k}", stop=[], score=none)
@@ -387,7 +383,7 @@ def _with_prompts(cfg, tokenizer, candidates, context, rejected, prompt_of) -> l
     prompt leaves no room for synth.solve_max_new_tokens in the context goes to `rejected` (question_too_long)."""
     rows = []
     for c in candidates:
-        ids = irpo.encode(tokenizer, prompt_of(c), cfg.data.add_bos)
+        ids = stages.encode(tokenizer, prompt_of(c), cfg.data.add_bos)
         if len(ids) + cfg.synth.solve_max_new_tokens > context:
             rejected.append({**c, "reason": "question_too_long"})
         else:
@@ -432,8 +428,8 @@ def _judge_scores(cfg, tokenizer, models, model_path, rows, texts, workdir, cont
     room = context - s.judge_max_new_tokens
 
     def judge_ids(question: str, response: str) -> list[int]:
-        return irpo.encode(tokenizer, irpo.chat_wrap(cfg, tokenizer, judge.format(prompt=question, response=response)),
-                           cfg.data.add_bos)
+        text = stages.chat_wrap(cfg, tokenizer, judge.format(prompt=question, response=response))
+        return stages.encode(tokenizer, text, cfg.data.add_bos)
 
     jrows = []
     for i, r in enumerate(rows):
@@ -443,7 +439,7 @@ def _judge_scores(cfg, tokenizer, models, model_path, rows, texts, workdir, cont
                 resp = tokenizer.encode(t, add_special_tokens=False)
                 ids = judge_ids(r["question"], tokenizer.decode(resp[: max(0, len(resp) - (len(ids) - room))]))
             jrows.append({"uid": f"{r['uid']}/{j}", "prompt_ids": ids[:room]})
-    out = irpo.sample_and_score(
+    out = stages.sample_and_score(
         models, model_path, None, tokenizer, jrows, os.path.join(workdir, "judge"), n=1, temperature=0.0,
         top_p=1.0, top_k=0, max_new_tokens=s.judge_max_new_tokens, chunk=s.chunk_prompts, seed=cfg.seed + 19,
         desc="self-instruct judge", stop=[],

@@ -59,13 +59,13 @@ import functools
 import math
 import os
 import shutil
-import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from rpo import checkpoint as ckpt
 from rpo import distributed, files, losses, report, sharding
@@ -379,13 +379,14 @@ def make_logps_fn(model_config: ModelConfig, mesh, rules, example_batch: Batch, 
 
 
 def add_reference_logps(
-    model_config: ModelConfig, params: Params, rows: list[dict], out_path: str, *, batch_size: int, seq_len: int,
-    pad_id: int, truncate: bool, chunk_size: int, mesh=None, rules=sharding.DEFAULT_RULES,
+    model_config: ModelConfig, params: Params, rows: list[dict], out_path: str | None, *, batch_size: int,
+    seq_len: int, pad_id: int, truncate: bool, chunk_size: int, mesh=None, rules=sharding.DEFAULT_RULES,
     on_batch: Callable[[int], Any] | None = None,
 ) -> list[dict]:
     """Computes the reference model's summed response log-probs of every pair by one jitted
     pass, sets 'ref_chosen_logp' / 'ref_rejected_logp' on the rows, and writes them to
-    `out_path` atomically. Returns the rows. on_batch(rows done in the batch): progress."""
+    `out_path` atomically (None: the caller writes them). Returns the rows. on_batch(rows done in
+    the batch): progress."""
     mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     pack = dict(seq_len=seq_len, pad_id=pad_id, truncate=truncate)
     fn = make_logps_fn(model_config, mesh, rules, make_batch([], "pairs", batch_size, **pack), chunk_size=chunk_size)
@@ -397,7 +398,8 @@ def add_reference_logps(
             row[_REF[0]], row[_REF[1]] = float(c), float(r)
         if on_batch is not None:
             on_batch(len(chunk))
-    files.write_jsonl(out_path, ({k: v for k, v in row.items() if not k.startswith("_")} for row in rows))
+    if out_path is not None:
+        files.write_jsonl(out_path, ({k: v for k, v in row.items() if not k.startswith("_")} for row in rows))
     return rows
 
 
@@ -433,7 +435,7 @@ def _show(step: int, split: str, metrics: dict) -> None:
     if not distributed.is_main():
         return
     short = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k in _SHOWN)
-    print(f"[rpo.train] {split} step {step}: {short}", file=sys.stderr, flush=True)
+    logging.info(f"{split} step {step}: {short}")
 
 
 def export(model_config: ModelConfig, params: Params, path: str) -> None:
@@ -514,7 +516,7 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
     del params
     log = report.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     if start and distributed.is_main():
-        print(f"[rpo.train] resumed from {mngr.directory} at step {start}", file=sys.stderr, flush=True)
+        logging.info(f"resumed from {mngr.directory} at step {start}")
 
     def evaluate(step):
         total = None

@@ -3,7 +3,7 @@ CoT-Self-Instruct -> filter -> GRPO (configs/self_instruct_grpo_tiny.py) and CoT
 DPO (configs/self_instruct_rm_dpo_tiny.py).
 
 A random model cannot write in a synthesis template, so the generations are given as the generation stage's own
-artifacts (generate/prompts.jsonl and generate/samples/part-00000.jsonl, in the format rpo.irpo.sample_and_score
+artifacts (generate/prompts.jsonl and generate/samples/part-00000.jsonl, in the format rpo.stages.sample_and_score
 writes, parsed by rpo.self_instruct's own parser); every stage after them runs: parsing, near-duplicate removal,
 the filter (RIP with a random transformers reward model; 'none' for the verifiable chain, whose filters
 test_self_instruct.py covers), then the method on exactly the kept prompts, from the synthesising model."""
@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from rpo import chain, irpo, main
+from rpo import chain, main, stages
 from rpo import self_instruct as si
 from rpo.files import load_module, write_jsonl
 
@@ -67,10 +67,10 @@ def _given_generations(cfg, workdir, texts, kind, method):
     tok = char_tokenizer()
     os.makedirs(os.path.join(workdir, "generate", "samples"))
     prompts = [{"uid": f"synth/{g}", "seeds": ["s/0", "s/1"], "category": "", "prompt": f"Seed pair {g}\n",
-                "prompt_ids": irpo.encode(tok, f"Seed pair {g}\n", cfg.data.add_bos)} for g in range(len(texts))]
+                "prompt_ids": stages.encode(tok, f"Seed pair {g}\n", cfg.data.add_bos)} for g in range(len(texts))]
     write_jsonl(os.path.join(workdir, "generate", "prompts.jsonl"), prompts)
     write_jsonl(os.path.join(workdir, "generate", "samples", "part-00000.jsonl"), (
-        {"uid": p["uid"], "prompt_index": g, "sample": 0, "completion_ids": irpo.encode(tok, t, False),
+        {"uid": p["uid"], "prompt_index": g, "sample": 0, "completion_ids": stages.encode(tok, t, False),
          "text": t, "finish_reason": "stop", **dataclasses.asdict(si.parse_generation(t, kind, method))}
         for g, (p, t) in enumerate(zip(prompts, texts))))
 

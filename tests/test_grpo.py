@@ -231,12 +231,12 @@ def test_bad_input_is_an_error_or_a_counted_skip(random_model, tmp_path):
 
 def _jsonl_rows(cfg, tmp_path):
     """The training prompts of the quick task, as prepare_data writes them (uids in order)."""
-    from rpo import irpo
+    from rpo import stages
     from rpo.data import get_task
 
     task = get_task(cfg.task)
-    data = irpo.prepare_data(grpo._data_config(cfg), task, irpo.task_tokenizer(cfg, task), str(tmp_path / "prep"),
-                             irpo.context_length(cfg))
+    data = stages.prepare_data(grpo._data_config(cfg), task, stages.task_tokenizer(cfg, task), str(tmp_path / "prep"),
+                               stages.context_length(cfg))
     return data["train"]
 
 

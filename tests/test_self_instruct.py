@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rpo import filters, irpo
+from rpo import filters, stages
 from rpo import self_instruct as si
 
 # Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
@@ -118,11 +118,11 @@ def test_irpo_train_file_rows_and_errors(tmp_path):
     """An IRPO config names a dataset (e.g. a synthesized dataset.jsonl) as its training prompts."""
     path = tmp_path / "dataset.jsonl"
     path.write_text('{"uid": "synth/3", "question": "Ben has 2 pens. How many pens?", "answer": "2"}\n')
-    (ex,) = irpo.load_prompts_file(str(path))
+    (ex,) = stages.load_prompts_file(str(path))
     assert (ex.uid, ex.question, ex.answer, ex.solution) == ("synth/3", "Ben has 2 pens. How many pens?", "2", "")
     path.write_text('{"question": "Q?", "answer": "1"}\n{"question": "Q?", "answer": null}\n')
     with pytest.raises(ValueError, match=rf"{path}:2: no 'answer' string"):
-        irpo.load_prompts_file(str(path))
+        stages.load_prompts_file(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,7 @@ def test_rip_filter_scores_responses_with_a_reward_model_and_the_policy_as_judge
     si.check_config(cfg)
     candidates = [{"uid": f"synth/{i}", "question": f"Write about {w}."}
                   for i, w in enumerate(["rain", "a cat", "maps", "tea", "snow", "time"])]
-    models = irpo.Models(cfg)
+    models = stages.Models(cfg)
     kept, rejected = si._rip_filter(cfg, tokenizer, models, policy, candidates, str(tmp_path / "rm_run"), 512)
     assert len(kept) + len(rejected) == 6 and kept and all(r["reason"] == filters.LOW_MIN_REWARD for r in rejected)
     responses = collections.defaultdict(list)

@@ -24,7 +24,7 @@ import torch
 import transformers
 
 import rpo.models as M
-from rpo import irpo, sampling, train
+from rpo import irpo, sampling, stages, train
 from rpo.models import gguf_import, smollm2
 
 # Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
@@ -79,7 +79,7 @@ def hf(model_dir):
 def prompts(tokenizer):
     """Chat-templated questions as token ids (lengths 37 to 69)."""
     cfg = ml_collections.ConfigDict(dict(data=dict(chat_template=True)))
-    return [irpo.encode(tokenizer, irpo.chat_wrap(cfg, tokenizer, q), False) for q in QUESTIONS]
+    return [stages.encode(tokenizer, stages.chat_wrap(cfg, tokenizer, q), False) for q in QUESTIONS]
 
 
 def right_padded(prompts):
@@ -230,8 +230,9 @@ def test_chat_template_applied_by_data_chat_template(model_dir, tokenizer, tmp_p
         cfg.select.update(every=0, heldout=0)
     assert cfg.data.chat_template and not cfg.data.add_bos
     task = get_task(cfg.task)
-    data = irpo.prepare_data(cfg, task, tokenizer, str(tmp_path / "run"), cfg.seq_len)
-    plain = irpo.prepare_data(_replace(cfg, chat_template=False), task, tokenizer, str(tmp_path / "plain"), cfg.seq_len)
+    data = stages.prepare_data(cfg, task, tokenizer, str(tmp_path / "run"), cfg.seq_len)
+    plain = stages.prepare_data(_replace(cfg, chat_template=False), task, tokenizer, str(tmp_path / "plain"),
+                                cfg.seq_len)
     for row, bare in zip(data["test"], plain["test"]):
         assert bare["prompt"].startswith("Your task is to answer") and bare["prompt"].endswith("Solution:\n")
         assert row["prompt"] == f"{SYSTEM}<|im_start|>user\n{bare['prompt']}<|im_end|>\n<|im_start|>assistant\n"
@@ -296,7 +297,7 @@ def test_dpo_nll_train_step_equals_pytorch_eq1(ours, hf, tokenizer):
     cfg = ml_collections.ConfigDict(dict(data=dict(chat_template=True)))
     rows = []
     for (q, w, l), (rw, rl) in zip(PAIRS, REF):
-        prompt = irpo.encode(tokenizer, irpo.chat_wrap(cfg, tokenizer, q), False)
+        prompt = stages.encode(tokenizer, stages.chat_wrap(cfg, tokenizer, q), False)
         rows.append({"prompt_ids": prompt, "chosen_ids": tokenizer.encode(w) + [IM_END],
                      "rejected_ids": tokenizer.encode(l) + [IM_END], "ref_chosen_logp": rw, "ref_rejected_logp": rl})
     beta, alpha = 0.1, 1.0

