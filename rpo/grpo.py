@@ -119,16 +119,7 @@ def check_config(cfg) -> None:
     rows = g.prompts_per_step * g.group_size
     if rows % t.grad_accum:
         bad("grpo.train.grad_accum", f"{t.grad_accum} does not divide prompts_per_step x group_size = {rows}")
-    if not isinstance(cfg.init.num_steps, int) or cfg.init.num_steps < 0:
-        bad("init.num_steps", f"must be an int >= 0, got {cfg.init.num_steps!r}")
-    if not cfg.model.path and not cfg.init.num_steps:
-        bad("init.num_steps", "0 (no warm start) needs model.path: M_0 would be a random model")
-    if not isinstance(cfg.select.every, int) or cfg.select.every < 0:
-        bad("select.every", f"must be an int >= 0 (0: keep the last step), got {cfg.select.every!r}")
-    if cfg.select.every and not cfg.select.heldout:
-        bad("select.heldout", "0, but select.every > 0 selects checkpoints on held-out training problems")
-    if cfg.eval.maj_k < 2:
-        bad("eval.maj_k", f"must be >= 2 (a majority of one sample is the sample), got {cfg.eval.maj_k}")
+    stages.check_loop_blocks(cfg)
     if "irpo" in cfg:
         bad("irpo", "a GRPO config has no irpo block (its sampling fields are grpo.*); delete it")
 
@@ -498,11 +489,7 @@ def run(cfg, workdir: str, *, reward_fn: Callable | None = None,
 def _record(log, results, workdir) -> None:
     from rpo import report
 
-    row = results[-1]
-    if log is not None:
-        log.log(row["iteration"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"},
-                split="iteration")
-    report.write_results(os.path.join(workdir, "results.json"), results)
+    row = stages.record_iteration(log, results, workdir)
     report.plot_results(results, os.path.join(workdir, "accuracy.png"), title="GRPO")
     steps = step_rows(workdir, len(results) - 1)
     if steps:

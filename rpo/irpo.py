@@ -228,11 +228,7 @@ _PAIR_STATS = ("pairs", "prompts_paired", "prompts_all_correct", "prompts_all_wr
 def _record(log, results, workdir) -> None:
     from rpo import report
 
-    row = results[-1]
-    if log is not None:
-        log.log(row["iteration"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"},
-                split="iteration")
-    report.write_results(os.path.join(workdir, "results.json"), results)
+    row = stages.record_iteration(log, results, workdir)
     report.plot_results(results, os.path.join(workdir, "accuracy.png"))
     logging.info("iteration {iteration}: greedy {greedy_accuracy:.3f}".format(**row)
                  + (f", maj@{row['maj_k']} {row['maj_accuracy']:.3f}" if "maj_accuracy" in row else ""))
@@ -266,15 +262,4 @@ def check_config(cfg) -> None:
         bad("train.loss.kind", "'sft' does not train on pairs (irpo.method='irpo')")
     if i.method != "irpo" and cfg.train.loss.kind != "sft":
         bad("train.loss.kind", f"irpo.method={i.method!r} trains by SFT: set it to 'sft'")
-    if not isinstance(cfg.init.num_steps, int) or cfg.init.num_steps < 0:
-        bad("init.num_steps", f"must be an int >= 0, got {cfg.init.num_steps!r}")
-    if not cfg.model.path and not cfg.init.num_steps:
-        bad("init.num_steps", "0 (no warm start) needs model.path: M_0 would be a random model")
-    if not isinstance(cfg.select.every, int) or cfg.select.every < 0:
-        bad("select.every", f"must be an int >= 0 (0: keep the last step), got {cfg.select.every!r}")
-    if not isinstance(cfg.select.heldout, int) or cfg.select.heldout < 0:
-        bad("select.heldout", f"must be an int >= 0, got {cfg.select.heldout!r}")
-    if cfg.select.every and not cfg.select.heldout:
-        bad("select.heldout", "0, but select.every > 0 selects checkpoints on held-out training problems")
-    if cfg.eval.maj_k < 2:
-        bad("eval.maj_k", f"must be >= 2 (a majority of one sample is the sample), got {cfg.eval.maj_k}")
+    stages.check_loop_blocks(cfg)

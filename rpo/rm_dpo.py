@@ -243,11 +243,7 @@ def run(cfg, workdir: str) -> list[dict]:
 def _record(log, results, workdir) -> None:
     from rpo import report
 
-    row = results[-1]
-    if log is not None:
-        log.log(row["iteration"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"},
-                split="iteration")
-    report.write_results(os.path.join(workdir, "results.json"), results)
+    row = stages.record_iteration(log, results, workdir)
     report.plot_curves([dict(x, step=x["iteration"]) for x in results], os.path.join(workdir, "reward.png"),
                        (("eval_reward_mean", "eval_reward_std"), ("win_rate_vs_m0", None)),
                        title="reward-model DPO (held-out prompts, by iteration)")

@@ -64,6 +64,37 @@ def artifact(path: str, make: Callable[[], Any], *, read: bool = True):
 _MUTABLE = ("irpo.iterations", "irpo.temperatures", "workdir")
 
 
+def check_loop_blocks(cfg) -> None:
+    """The checks of the blocks every iterated method shares: init (the warm start), select, eval."""
+    from rpo.configlib import bad
+
+    if not isinstance(cfg.init.num_steps, int) or cfg.init.num_steps < 0:
+        bad("init.num_steps", f"must be an int >= 0, got {cfg.init.num_steps!r}")
+    if not cfg.model.path and not cfg.init.num_steps:
+        bad("init.num_steps", "0 (no warm start) needs model.path: M_0 would be a random model")
+    if not isinstance(cfg.select.every, int) or cfg.select.every < 0:
+        bad("select.every", f"must be an int >= 0 (0: keep the last step), got {cfg.select.every!r}")
+    if not isinstance(cfg.select.heldout, int) or cfg.select.heldout < 0:
+        bad("select.heldout", f"must be an int >= 0, got {cfg.select.heldout!r}")
+    if cfg.select.every and not cfg.select.heldout:
+        bad("select.heldout", "0, but select.every > 0 selects checkpoints on held-out training problems")
+    if cfg.eval.maj_k < 2:
+        bad("eval.maj_k", f"must be >= 2 (a majority of one sample is the sample), got {cfg.eval.maj_k}")
+
+
+def record_iteration(log, results: list[dict], workdir: str) -> dict:
+    """The last results row: its numbers to the metrics log (None: the row was read back, not computed now, so it
+    is not logged twice) and every row to workdir/results.json. Returns that row."""
+    from rpo import report
+
+    row = results[-1]
+    if log is not None:
+        log.log(row["iteration"], {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"},
+                split="iteration")
+    report.write_results(os.path.join(workdir, "results.json"), results)
+    return row
+
+
 def check_same_run(cfg, workdir: str, *, record: bool, name: str = "irpo_config.json") -> None:
     """A workdir holds one experiment: refuse to resume it with a different config (recorded in
     workdir/name). With `record`, a workdir without a recorded config gets this one: the IRPO run
