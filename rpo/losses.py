@@ -250,53 +250,6 @@ def preference_per_pair(
     raise ValueError(f"loss kind {kind!r} is not a preference loss (one of {PREFERENCE_KINDS})")
 
 
-def dpo_nll(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_lengths,
-    *,
-    beta: float,
-    alpha: float,
-    label_smoothing: float = 0.0,
-) -> tuple[jax.Array, Metrics]:
-    """IRPO Eq. 1, mean over pairs: -log s(beta*[(logp_w - ref_w) - (logp_l - ref_l)]) - alpha*logp_w/|y_w|.
-
-    All inputs are float arrays [B] (summed response log-probs and the winner's response
-    length). Returns (loss, metrics) with each metric the mean over pairs.
-    """
-    loss_B, metrics = dpo_nll_per_pair(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-        beta=beta, alpha=alpha, label_smoothing=label_smoothing,
-    )
-    return jnp.mean(loss_B), {k: jnp.mean(v) for k, v in metrics.items()}
-
-
-def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
-        label_smoothing: float = 0.0) -> tuple[jax.Array, Metrics]:
-    """Sigmoid DPO (label smoothing eps gives conservative DPO), mean over pairs."""
-    ones = jnp.ones_like(policy_chosen_logps)
-    return dpo_nll(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, ones,
-                   beta=beta, alpha=0.0, label_smoothing=label_smoothing)
-
-
-def ipo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float
-        ) -> tuple[jax.Array, Metrics]:
-    """IPO, mean over pairs."""
-    ones = jnp.ones_like(policy_chosen_logps)
-    loss_B, metrics = ipo_per_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                   ref_rejected_logps, ones, beta=beta)
-    return jnp.mean(loss_B), {k: jnp.mean(v) for k, v in metrics.items()}
-
-
-def sft_nll(logps, lengths) -> tuple[jax.Array, Metrics]:
-    """SFT NLL: mean over response tokens of -log p, i.e. -sum(logps) / sum(lengths)."""
-    tokens = jnp.sum(lengths)
-    loss = -jnp.sum(logps) / jnp.maximum(tokens, 1.0)
-    return loss, {"loss/nll": loss, "tokens": tokens}
-
-
 # ---------------------------------------------------------------------------------------
 # Per-token log-probs under the sampling distribution, and the GRPO objective
 # ---------------------------------------------------------------------------------------

@@ -33,8 +33,10 @@ def _inputs(seed, b=7):
 @pytest.mark.parametrize("beta,alpha", [(0.1, 1.0), (0.5, 0.0), (1.0, 2.5)])
 def test_dpo_nll_matches_numpy_eq1(beta, alpha):
     pc, pr, rc, rr, n = _inputs(0)
-    loss, metrics = losses.dpo_nll(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr, n)), beta=beta, alpha=alpha)
-    np.testing.assert_allclose(loss, _np_dpo_nll(pc, pr, rc, rr, n, beta, alpha), rtol=1e-5)
+    loss_B, metrics = losses.preference_per_pair(
+        "dpo_nll", *(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr, n)), beta=beta, alpha=alpha)
+    metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+    np.testing.assert_allclose(jnp.mean(loss_B), _np_dpo_nll(pc, pr, rc, rr, n, beta, alpha), rtol=1e-5)
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
     np.testing.assert_allclose(metrics["rewards/chosen"], chosen.mean(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(metrics["rewards/rejected"], rejected.mean(), rtol=1e-4, atol=1e-5)
@@ -49,7 +51,8 @@ def test_dpo_nll_gradient_matches_finite_differences():
     pc, pr, rc, rr, n = _inputs(1)
     beta, alpha = 0.3, 1.0
     with jax.enable_x64(True):
-        f = lambda *a: losses.dpo_nll(*a, jnp.asarray(n), beta=beta, alpha=alpha)[0]  # noqa: E731
+        f = lambda *a: jnp.mean(losses.preference_per_pair("dpo_nll", *a, jnp.asarray(n), beta=beta,  # noqa: E731
+                                                           alpha=alpha)[0])
         grads = jax.grad(f, argnums=(0, 1, 2, 3))(*(jnp.asarray(x, jnp.float64) for x in (pc, pr, rc, rr)))
     base = [pc, pr, rc, rr]
     h = 1e-5
@@ -68,28 +71,23 @@ def test_dpo_nll_gradient_matches_finite_differences():
 def test_label_smoothed_dpo_matches_formula():
     pc, pr, rc, rr, _ = _inputs(2)
     beta, eps = 0.2, 0.15
-    loss, _ = losses.dpo(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta=beta, label_smoothing=eps)
+    args = [jnp.asarray(x) for x in (pc, pr, rc, rr, np.ones_like(pc))]
+    # "dpo" is "dpo_nll" without the NLL term, whatever alpha says.
+    loss_B, _ = losses.preference_per_pair("dpo", *args, beta=beta, alpha=3.0, label_smoothing=eps)
     # cDPO (Mitchell 2023): -(1-eps) log s(beta h) - eps log s(-beta h)
-    np.testing.assert_allclose(loss, _np_dpo_nll(pc, pr, rc, rr, 1.0, beta, 0.0, eps), rtol=1e-5)
-    plain, _ = losses.dpo(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta=beta)
-    np.testing.assert_allclose(plain, _np_dpo_nll(pc, pr, rc, rr, 1.0, beta, 0.0), rtol=1e-5)
+    np.testing.assert_allclose(jnp.mean(loss_B), _np_dpo_nll(pc, pr, rc, rr, 1.0, beta, 0.0, eps), rtol=1e-5)
+    plain_B, _ = losses.preference_per_pair("dpo", *args, beta=beta)
+    np.testing.assert_allclose(jnp.mean(plain_B), _np_dpo_nll(pc, pr, rc, rr, 1.0, beta, 0.0), rtol=1e-5)
 
 
 def test_ipo_matches_paper_formula():
     pc, pr, rc, rr, _ = _inputs(3)
     beta = 0.5
-    loss, metrics = losses.ipo(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta=beta)
+    loss_B, metrics = losses.preference_per_pair("ipo", *(jnp.asarray(x) for x in (pc, pr, rc, rr, np.ones_like(pc))),
+                                                 beta=beta)
     h = (pc - rc) - (pr - rr)  # log [pi(yw) pi_ref(yl) / (pi(yl) pi_ref(yw))]
-    np.testing.assert_allclose(loss, np.mean((h - 1 / (2 * beta)) ** 2), rtol=1e-5)
-    assert "rewards/margin" in metrics
-
-
-def test_sft_nll_is_token_mean():
-    logps = jnp.asarray([-10.0, -3.0, -7.5])
-    lengths = jnp.asarray([5.0, 1.0, 4.0])
-    loss, metrics = losses.sft_nll(logps, lengths)
-    np.testing.assert_allclose(loss, 20.5 / 10.0, rtol=1e-6)
-    assert float(metrics["tokens"]) == 10
+    np.testing.assert_allclose(jnp.mean(loss_B), np.mean((h - 1 / (2 * beta)) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/margin"], beta * h, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
