@@ -382,7 +382,7 @@ def waste(args) -> None:
     new, temperature = args.new or 512, float(cfg.irpo.temperatures[0])
     rng = np.random.default_rng(0)
     lines_out = []
-    for n, prompts_n in ((8, 8), (30, 4)):
+    for n, prompts_n in [(n, {8: 8, 30: 4}[n]) for n in map(int, args.waste_n.split(","))]:
         rows = [stages.encode(tokenizer, stages.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos)
                 for ex in examples[:prompts_n]]
         # The same call with the attention windows (the default) and without them (one window of all M slots,
@@ -554,6 +554,8 @@ def main():
     ap.add_argument("--rows", default="64,256", help="--roofline: decode rows (prompts x N)")
     ap.add_argument("--dtype-study", default="", metavar="GSM8K_DIR",
                     help="bfloat16 against float32 on SmolLM2: greedy agreement over 64 GSM8K prompts, and speed")
+    ap.add_argument("--waste-n", default="8,30", choices=("8,30", "8", "30"),
+                    help="--waste: the N to run (8: 8 prompts x 8 samples, timed; 30: 4 prompts x 30)")
     ap.add_argument("--waste", default="", metavar="GSM8K_DIR",
                     help="measure the finished-row waste of SmolLM2 sampling GSM8K (test.jsonl in GSM8K_DIR)")
     args = ap.parse_args()
