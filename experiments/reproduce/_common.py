@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 
+from rpo import configlib
 from rpo.files import load_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,14 +23,6 @@ BASELINES = ("irpo", "sft_gold", "star", "dpo", "zero_shot")
 # devices form the tensor axis (32 devices: tensor 2; 64: tensor 4). Llama-2-70B's 64 query and 8 kv heads
 # split over tensor <= 8.
 LLAMA2_70B_MESH = dict(data=1, fsdp=16, tensor=-1)
-
-
-def parse_variants(arg: str | None, allowed: tuple[str, ...], config_file: str) -> dict[str, str]:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in (arg or "").split(",") if kv)
-    unknown = sorted(set(opts) - set(allowed))
-    if unknown:
-        raise ValueError(f"{config_file}: unknown variant(s) {unknown}; known: {', '.join(allowed)}")
-    return opts
 
 
 def require(opts: dict[str, str], key: str, what: str, config_file: str) -> str:
@@ -44,7 +37,7 @@ def irpo_llama2_70b(task: str, arg: str | None, config_file: str, *,
 
     Variants: model=<Llama-2-70B-Chat HF dir> (required), data=<the task's files> (required),
     baseline=<one of `baselines`>, nochat (no chat template), workdir=<dir>."""
-    opts = parse_variants(arg, ("model", "data", "baseline", "nochat", "workdir"), config_file)
+    opts = configlib.variants(arg, ("model", "data", "baseline", "nochat", "workdir"), config_file)
     model = require(opts, "model", "Llama-2-70B-Chat HF directory", config_file)
     data = require(opts, "data", f"directory of the {task} files", config_file)
     baseline = opts.get("baseline", "irpo")

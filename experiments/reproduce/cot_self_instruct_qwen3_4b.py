@@ -72,6 +72,7 @@ import os
 
 import ml_collections
 
+from rpo import configlib
 from rpo.files import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,7 +87,7 @@ def _common():
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common = _common()
     me = os.path.abspath(__file__)
-    opts = common.parse_variants(arg, ("model", "seeds", "data", "grpo", "policy", "irpo", "workdir"), me)
+    opts = configlib.variants(arg, ("model", "seeds", "data", "grpo", "policy", "irpo", "workdir"), me)
     model = common.require(opts, "model", "Qwen3-4B HF directory", me)
     seeds = common.require(opts, "seeds", "seed problems JSONL", me)
     if "grpo" in opts and "irpo" in opts:
