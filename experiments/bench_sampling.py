@@ -410,9 +410,13 @@ def waste(args) -> None:
         draws = [rng.choice(lens, 256) for _ in range(1000)]
         boot = float(np.mean([1 - (d - 1).sum() / (256 * (d.max() - 1)) for d in draws]))
         base_s = runs["no windows"][1]["decode_s"]
+        # If a prompt's N rows left the batch as soon as the last of them finished (refilling at prompt granularity,
+        # which keeps the prompt's cache shared), the waste left is that within each prompt's group.
+        group = np.array([[len(t) for t in per] for per in out.tokens])
+        in_group = 1 - (group - 1).sum() / (n * (group.max(axis=1) - 1)).sum()
         line = (f"| {n} | {prompts_n} x {n} = {len(lens)} | {int(np.min(lens))} / {int(np.median(lens))} / "
                 f"{int(np.max(lens))} | {sum(r == 'length' for per in out.finish_reasons for r in per)} | "
-                f"{stats['slot_steps']:,} | {measured:.0%} | {boot:.0%} | "
+                f"{stats['slot_steps']:,} | {measured:.0%} | {boot:.0%} | {in_group:.0%} | "
                 + (f"{base_s:.0f} | {stats['decode_s']:.0f} ({base_s / stats['decode_s']:.2f}x)" if timed else
                    "(not timed) | (not timed)") + f" | {'yes' if same else 'NO'} |")
         print(line, flush=True)
@@ -430,7 +434,9 @@ def waste(args) -> None:
         f"prompts), temperature {temperature}, top_p 1, up to {new} new tokens, stopping at EOS; one batch per N",
         "- waste = 1 - (decode slot-steps of rows still generating) / (rows x decode steps): the loop runs until "
         "the batch's longest row ends. The last column puts the same completion lengths in a batch of 256 rows "
-        "(drawn with replacement, mean of 1000 draws), the sampler's default batch.",
+        "(drawn with replacement, mean of 1000 draws), the sampler's default batch. Waste left within prompt "
+        "groups: the waste if each prompt's N rows left the batch (and were refilled) as soon as the last of them "
+        "finished, i.e. refilling at prompt granularity, which keeps each prompt's cache shared by its samples.",
         "",
         "- decode s (N = 8; each variant run twice, the second run timed, so no compilation is counted): "
         "the decode loop's wall seconds without attention windows (every step reads all M generated "
@@ -439,8 +445,9 @@ def waste(args) -> None:
         "runs, every row.",
         "",
         "| N | rows | completion tokens min / median / max | cut at the limit | slot-steps | waste (measured) "
-        "| waste at 256 rows (resampled) | decode s, no windows | decode s, windows | samples equal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| waste at 256 rows (resampled) | waste left within prompt groups | decode s, no windows | decode s, windows "
+        "| samples equal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ] + lines_out
     _record_section("## Finished-row waste (`--waste`)", lines)
     print("\n".join(lines))
