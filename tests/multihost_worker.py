@@ -59,7 +59,7 @@ def main(out_dir: str, model_dir: str, pairs: str) -> None:
 
     # Five prompts in a bucket of 8 rows: process 1's devices hold one real prompt and 3 padding rows.
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20, 21], [30, 31, 32, 33], [40]]
-    out = sampling.generate(load_config(model_dir), params, prompts, n=3, max_new_tokens=8, temperature=1.0,
+    out = sampling.generate(load_config(model_dir), params, prompts, n=3, max_new_tokens=20, temperature=1.0,
                             top_p=0.9, eos_ids=(), seed=5, mesh=mesh)
 
     written = os.path.join(out_dir, "written.json")

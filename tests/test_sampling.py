@@ -343,7 +343,8 @@ def test_bad_arguments_fail_loudly(small_params):
 
 def test_sharded_run_equals_unsharded(tmp_path):
     """data x fsdp x tensor = 2x2x2 on 8 fake CPU devices (in a subprocess, since this
-    process's jax already has 1 device): same tokens, logprobs within 1e-4."""
+    process's jax already has 1 device): same tokens, logprobs within 1e-4. 20 new tokens: two attention
+    windows (16, 20), so the loop's "all rows done?" check between them runs on a sharded array."""
     model = make_model("qwen2")
     path = save(model, tmp_path / "m")
     script = textwrap.dedent(
@@ -358,8 +359,8 @@ def test_sharded_run_equals_unsharded(tmp_path):
         prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20, 21]]
         for mesh in (S.make_mesh(2, 2, 2), S.make_mesh(8, 1, 1)):
             for kw in (dict(n=3, temperature=1.0, top_p=0.9), dict(n=1)):
-                ref = sampling.generate(config, params, prompts, max_new_tokens=12, eos_ids=(), seed=5, **kw)
-                got = sampling.generate(config, params, prompts, max_new_tokens=12, eos_ids=(), seed=5, mesh=mesh, **kw)
+                ref = sampling.generate(config, params, prompts, max_new_tokens=20, eos_ids=(), seed=5, **kw)
+                got = sampling.generate(config, params, prompts, max_new_tokens=20, eos_ids=(), seed=5, mesh=mesh, **kw)
                 assert got.tokens == ref.tokens, (mesh.shape, kw)
                 np.testing.assert_allclose(np.array(got.logprobs), np.array(ref.logprobs), atol=1e-4)
         print("OK")
