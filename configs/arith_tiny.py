@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict(dict(
         name="arith", seed=0, num_train=5000, num_test=1000, min_steps=3, max_steps=3, max_value=99, ops="+-*",
         style="prose", strict=True,
+        train_file="",  # a JSONL of training problems in place of the train split (CoT-Self-Instruct's dataset.jsonl)
     ))
     c.data = ml_collections.ConfigDict(dict(
         chat_template=False, add_bos=False, pad_id=0,

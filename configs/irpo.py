@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.task = ml_collections.ConfigDict(dict(
         name=task, source_dir=opts.get("data", ""), tfds_dir="", strict=False, skip_bad_rows=False, max_examples=0,
+        train_file="",  # a JSONL of training problems in place of the train split (CoT-Self-Instruct's dataset.jsonl)
     ))
     c.data = ml_collections.ConfigDict(dict(chat_template="chat" in opts, add_bos=True, pad_id=0,
                                             long_prompts="skip"))

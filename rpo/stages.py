@@ -128,13 +128,15 @@ def _stable(cfg_dict: dict) -> dict:
 
 
 def _first_diff(a, b, prefix=""):
+    """The first field whose value differs. A field one side lacks and the other declares empty ("", off) is
+    the same: a config recorded before the field was declared still resumes."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             d = _first_diff(a.get(k), b.get(k), f"{prefix}{k}.")
             if d is not None:
                 return d
         return None
-    return None if a == b else prefix.rstrip(".")
+    return None if a == b or (a in (None, "") and b in (None, "")) else prefix.rstrip(".")
 
 
 class Context(NamedTuple):
@@ -225,7 +227,7 @@ def prepare_data(cfg, task, tokenizer, workdir: str, context: int) -> dict[str, 
 
 def _split_rows(cfg, task, tokenizer, split: str, context: int, data: str) -> list[dict]:
     """The rows of data/<split>.jsonl; writes data/<split>_stats.json (and, for train, data/heldout.jsonl) first."""
-    train_file = cfg.task.get("train_file", "")
+    train_file = cfg.task.train_file
     examples = load_prompts_file(train_file) if split == "train" and train_file else task.load(split)
     rows, skipped, long_targets, unreachable = [], [], 0, 0
     room = max(cfg.irpo.max_new_tokens, cfg.eval.max_new_tokens)

@@ -1,4 +1,4 @@
-"""rpo.stages.artifact: the one resume mechanism of every stage."""
+"""rpo.stages: artifact(), the one resume mechanism of every stage, and check_same_run, which guards resumes."""
 
 from __future__ import annotations
 
@@ -48,3 +48,21 @@ def test_a_make_that_raises_leaves_nothing_and_the_next_call_makes_it(tmp_path):
 def test_an_artifact_is_json_or_jsonl(tmp_path):
     with pytest.raises(ValueError, match="a .json or .jsonl file"):
         stages.artifact(str(tmp_path / "model.safetensors"), dict)
+
+
+def test_a_run_recorded_before_a_field_was_declared_still_resumes(tmp_path):
+    """check_same_run: a field the recorded config lacks equals one declared empty (off); any other value, or any
+    other changed field, refuses the resume."""
+    import ml_collections
+
+    def cfg(**task):
+        return ml_collections.ConfigDict(dict(task=dict(name="arith", **task), irpo=dict(temperatures=[1.0],
+                                                                                         iterations=1)))
+
+    stages.check_same_run(cfg(), str(tmp_path), record=True)  # recorded without task.train_file
+    stages.check_same_run(cfg(train_file=""), str(tmp_path), record=False)
+    with pytest.raises(ValueError, match="task.train_file"):
+        stages.check_same_run(cfg(train_file="kept.jsonl"), str(tmp_path), record=False)
+    with pytest.raises(ValueError, match="task.name"):
+        stages.check_same_run(ml_collections.ConfigDict(dict(task=dict(name="gsm8k", train_file=""), irpo=dict(
+            temperatures=[1.0], iterations=1))), str(tmp_path), record=False)
