@@ -25,8 +25,8 @@ On a GPU, in one call that fits a 10-minute limit (no wheel, no transformers nee
   timeout 540 python experiments/bench_sampling.py --roofline --model smollm2-shape --dtype bfloat16 --runs 3
 
 --waste GSM8K_DIR measures the decode work spent on rows that have finished (EOS) while the batch runs on,
-for SmolLM2 sampling GSM8K test questions at N = 8 and 30, and times the decode loop with and without its
-attention windows, checking the samples are equal (its own section of the results file).
+for SmolLM2 sampling GSM8K test questions at N = 8 and 30 (--waste-n), and what would be left if whole
+prompt groups were refilled (its own section of the results file).
 
 --dtype-study GSM8K_DIR: bfloat16 against float32 on SmolLM2 (greedy, 64 GSM8K prompts): how many
 completions are token-for-token equal, whether the answers agree, and the speed of each.
@@ -385,40 +385,21 @@ def waste(args) -> None:
     for n, prompts_n in [(n, {8: 8, 30: 4}[n]) for n in map(int, args.waste_n.split(","))]:
         rows = [stages.encode(tokenizer, stages.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos)
                 for ex in examples[:prompts_n]]
-        # The same call with the attention windows (the default) and without them (one window of all M slots,
-        # the loop as it was before windows): the decode seconds of each, and whether the samples are equal.
-        # N = 8 is timed: each variant runs twice and the second (compiled) run is timed; N = 30 runs once each.
-        timed = n == 8
-        runs = {}
-        for label, smallest in (("windows", sampling.MIN_WINDOW), ("no windows", new)):
-            saved, sampling.MIN_WINDOW = sampling.MIN_WINDOW, smallest
-            try:
-                for _ in range(2 if timed else 1):
-                    stats = {}
-                    out = sampling.generate(config, params, rows, n=n, max_new_tokens=new, temperature=temperature,
-                                            seed=0, batch_size=prompts_n, progress=False, stats=stats,
-                                            eos_ids=config.eos_token_ids)
-                    print(f"N={n} {label}: decode {stats['decode_s']:.1f}s", flush=True)
-            finally:
-                sampling.MIN_WINDOW = saved
-            runs[label] = (out, stats)
-        out, stats = runs["windows"]
-        same = out.tokens == runs["no windows"][0].tokens
+        stats = {}
+        out = sampling.generate(config, params, rows, n=n, max_new_tokens=new, temperature=temperature, seed=0,
+                                batch_size=prompts_n, progress=False, stats=stats, eos_ids=config.eos_token_ids)
         lens = np.array([len(t) for per in out.tokens for t in per])
         measured = 1 - stats["live_slot_steps"] / stats["slot_steps"]
         # The same lengths in a batch of 256 rows (the sampler's default batch): drawn with replacement.
         draws = [rng.choice(lens, 256) for _ in range(1000)]
         boot = float(np.mean([1 - (d - 1).sum() / (256 * (d.max() - 1)) for d in draws]))
-        base_s = runs["no windows"][1]["decode_s"]
         # If a prompt's N rows left the batch as soon as the last of them finished (refilling at prompt granularity,
         # which keeps the prompt's cache shared), the waste left is that within each prompt's group.
         group = np.array([[len(t) for t in per] for per in out.tokens])
         in_group = 1 - (group - 1).sum() / (n * (group.max(axis=1) - 1)).sum()
         line = (f"| {n} | {prompts_n} x {n} = {len(lens)} | {int(np.min(lens))} / {int(np.median(lens))} / "
                 f"{int(np.max(lens))} | {sum(r == 'length' for per in out.finish_reasons for r in per)} | "
-                f"{stats['slot_steps']:,} | {measured:.0%} | {boot:.0%} | {in_group:.0%} | "
-                + (f"{base_s:.0f} | {stats['decode_s']:.0f} ({base_s / stats['decode_s']:.2f}x)" if timed else
-                   "(not timed) | (not timed)") + f" | {'yes' if same else 'NO'} |")
+                f"{stats['slot_steps']:,} | {measured:.0%} | {boot:.0%} | {in_group:.0%} |")
         print(line, flush=True)
         lines_out.append(line)
     if args.no_record:
@@ -438,16 +419,10 @@ def waste(args) -> None:
         "groups: the waste if each prompt's N rows left the batch (and were refilled) as soon as the last of them "
         "finished, i.e. refilling at prompt granularity, which keeps each prompt's cache shared by its samples.",
         "",
-        "- decode s (N = 8; each variant run twice, the second run timed, so no compilation is counted): "
-        "the decode loop's wall seconds without attention windows (every step reads all M generated "
-        "slots, the loop before windows) and with them (the default: a step reads the written slots rounded up to "
-        "a power of two, at least sampling.MIN_WINDOW), in the same run; samples equal: the tokens of the two "
-        "runs, every row.",
         "",
         "| N | rows | completion tokens min / median / max | cut at the limit | slot-steps | waste (measured) "
-        "| waste at 256 rows (resampled) | waste left within prompt groups | decode s, no windows | decode s, windows "
-        "| samples equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| waste at 256 rows (resampled) | waste left within prompt groups |",
+        "|---|---|---|---|---|---|---|---|",
     ] + lines_out
     _record_section("## Finished-row waste (`--waste`)", lines)
     print("\n".join(lines))
@@ -562,7 +537,7 @@ def main():
     ap.add_argument("--dtype-study", default="", metavar="GSM8K_DIR",
                     help="bfloat16 against float32 on SmolLM2: greedy agreement over 64 GSM8K prompts, and speed")
     ap.add_argument("--waste-n", default="8,30", choices=("8,30", "8", "30"),
-                    help="--waste: the N to run (8: 8 prompts x 8 samples, timed; 30: 4 prompts x 30)")
+                    help="--waste: the N to run (8: 8 prompts x 8 samples; 30: 4 prompts x 30)")
     ap.add_argument("--waste", default="", metavar="GSM8K_DIR",
                     help="measure the finished-row waste of SmolLM2 sampling GSM8K (test.jsonl in GSM8K_DIR)")
     args = ap.parse_args()

@@ -21,12 +21,9 @@ How a batch is run:
    attention takes one softmax over both. Each step thus reads the prompt's cache once for
    its N samples instead of N times (for 256-token prompts, N = 8 and 128 new tokens, 2.4x
    less cache traffic per step than repeating the cache rows).
-3. **Decode** in jitted `lax.while_loop`s whose state (cache, token buffer, ...) is donated
+3. **Decode** in one jitted `lax.while_loop` whose state (cache, token buffer, ...) is donated
    and updated in place; it stops as soon as every row has finished (EOS, an in-loop stop
-   sequence, or M tokens). Attention reads only the generated slots written so far, rounded up
-   to a window (16, 32, 64, ... then M; `windows()`): one compiled loop per window, each running
-   until its slots are full, so a step early in a 512-token budget does not read 512 slots. The
-   skipped slots are masked anyway: samples are unchanged (log-probs to float32 rounding). The step is the model's `decoder.decode_step` over that cache
+   sequence, or M tokens). The step is the model's `decoder.decode_step` over that cache
    (`decoder.step_cache`): heads before slots (attention is batched matmuls), one buffer per
    layer (each written in place). Per-layer param slices and the unembedding are hoisted out
    of the loop (`decoder.step_params`).
@@ -78,9 +75,6 @@ from rpo.models import decoder
 from rpo.models.config import ModelConfig
 
 NEG_INF = decoder.NEG_INF  # the decoder's finite "minus infinity" for masked scores
-# The decode loop attends over the generated slots written so far rounded up to a power of two (at least this
-# many), one compiled loop per window: a row at step 40 of 512 reads 64 slots, not 512 (see windows()).
-MIN_WINDOW = 16
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,10 +232,7 @@ def generate(
         if stats is not None:
             jax.block_until_ready(state)
             t_decode = time.perf_counter()
-        for window in windows(spec.max_new):
-            state = _decode(config, spec, mesh, rules, params, state, consts, window)
-            if window >= spec.max_new or bool(distributed.fetch(jnp.all(state["done"]))):
-                break
+        state = _decode(config, spec, mesh, rules, params, state, consts)
         toks_BM, lps_BM, lens_B, reason_B, steps = distributed.fetch(
             (state["tokens"], state["logprobs"], state["length"], state["reason"], state["i"])
         )
@@ -582,34 +573,22 @@ def _prefill(config: ModelConfig, spec: _Spec, mesh, rules, params, batch, const
     return _record(spec, state, tok, lp, consts)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 7), donate_argnums=(5,))
-def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts, window: int):
-    """The decode loop over one attention window: one token per row per iteration until every row is done,
-    M tokens, or the window's generated slots are all written (iteration i writes slot i - 1). The state
-    (cache included) is donated and updated in place."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts):
+    """The decode loop: one token per row per iteration until every row is done or M tokens.
+    The state (cache included) is donated and updated in place."""
     trace_counts["decode"] += 1
     layers, w_DV = decoder.step_params(config, params)
 
     def cond(state):
-        return (state["i"] < min(spec.max_new, window + 1)) & ~jnp.all(state["done"])
+        return (state["i"] < spec.max_new) & ~jnp.all(state["done"])
 
     def body(state):
         i = state["i"]
         pos_B = state["position"] + i - 1  # position of the token fed in (sampled at step i-1)
-        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, state["cache"],
-                                               window=window)
+        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, state["cache"])
         state = dict(state, cache=cache)
         tok, lp = choose(spec, logits_BV, _uniforms(state["keys"], i), consts["temperature"], consts["top_p"], ~state["done"])
         return _record(spec, state, tok, lp, consts)
 
     return jax.lax.while_loop(cond, body, state)
-
-
-def windows(max_new: int, smallest: int | None = None) -> list[int]:
-    """The attention windows the decode loop runs through: powers of two from `smallest` (default
-    MIN_WINDOW), then max_new itself (the whole generated part, as with no window)."""
-    w, out = smallest or MIN_WINDOW, []
-    while w < max_new:
-        out.append(w)
-        w *= 2
-    return out + [max_new]

@@ -247,24 +247,6 @@ def test_same_seed_same_samples_independent_of_batching(small_params):
     assert len({tuple(t) for t in a.tokens[0]}) > 1
 
 
-def test_attention_windows_do_not_change_samples(small_params, monkeypatch):
-    """The decode loop reads only the generated slots written so far (rounded up to a window); the slots it
-    skips are masked, so the samples equal those of one window over all M slots (the loop before windows). The
-    log-probs agree to float32 rounding (the softmax sums run over a different number of slots), as they do
-    across batch sizes."""
-    assert sampling.windows(40, 4) == [4, 8, 16, 32, 40]
-    assert sampling.windows(16, 16) == [16] and sampling.windows(1, 16) == [1]
-    prompts = _prompts((4, 7, 12), 16, seed=8)
-    kw = dict(n=2, max_new_tokens=40, temperature=1.0, seed=5, eos_ids=())
-    monkeypatch.setattr(sampling, "MIN_WINDOW", 4)
-    windowed = sampling.generate(SMALL, small_params, prompts, **kw)
-    monkeypatch.setattr(sampling, "MIN_WINDOW", 40)
-    whole = sampling.generate(SMALL, small_params, prompts, **kw)
-    assert windowed.tokens == whole.tokens
-    np.testing.assert_allclose(np.array(windowed.logprobs), np.array(whole.logprobs), atol=1e-5, rtol=1e-5)
-    assert all(len(t) == 40 for per in windowed.tokens for t in per)
-
-
 def test_eos_stops_a_row_and_is_included(small_params):
     prompts = _prompts((6, 10), 16, seed=9)
     free = sampling.generate(SMALL, small_params, prompts, max_new_tokens=12, eos_ids=())
@@ -343,8 +325,7 @@ def test_bad_arguments_fail_loudly(small_params):
 
 def test_sharded_run_equals_unsharded(tmp_path):
     """data x fsdp x tensor = 2x2x2 on 8 fake CPU devices (in a subprocess, since this
-    process's jax already has 1 device): same tokens, logprobs within 1e-4. 20 new tokens: two attention
-    windows (16, 20), so the loop's "all rows done?" check between them runs on a sharded array."""
+    process's jax already has 1 device): same tokens, logprobs within 1e-4."""
     model = make_model("qwen2")
     path = save(model, tmp_path / "m")
     script = textwrap.dedent(

@@ -298,8 +298,7 @@ def step_params(config: ModelConfig, params: Params):
     return layers, unembed_matrix(config, params)
 
 
-def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B, cache: Cache,
-                window: int | None = None):
+def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B, cache: Cache):
     """One token per row through the decoder over the sampling cache (step_cache): the math of
     hidden_states for one more token (tested against forward and against HF).
       cache["prompt_k"], ["prompt_v"]: lists of L arrays [R, K, E, P] and [R, K, P, E], the
@@ -312,8 +311,6 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
       plain batched matmuls.
     layers, w_DV: from step_params (prepared once, outside the loop). Params must already be
     in the compute dtype.
-    window: attend over the first `window` generated slots only (a static int > index; default all M). Slots
-      past the index are masked anyway, so the logits are the same; the step just does not read them.
     Returns (float32 logits [B, V], cache).
     """
     dtype = jnp.dtype(config.dtype)
@@ -322,9 +319,8 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
     index = cache["index"]
     r, kv, e, _ = cache["prompt_k"][0].shape
     b, _, m, _ = cache["v"][0].shape
-    w = m if window is None else min(int(window), m)
     n, g = b // r, config.num_heads // kv
-    live_M = jnp.arange(w) <= index  # generated slots written so far, this step's included
+    live_M = jnp.arange(m) <= index  # generated slots written so far, this step's included
     prompt_RP = cache["prompt_mask"]
 
     def to_r(x):  # [B, K, G, ...] -> [R, K, N * G, ...]
@@ -359,8 +355,6 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         v_BKME = jax.lax.dynamic_update_slice(gv, v_BKE.astype(gv.dtype)[:, :, None], (0, 0, index, 0))
         ks.append(k_BKEM)
         vs.append(v_BKME)
-        if w < m:  # a static slice of the updated buffer: read in place, not copied
-            k_BKEM, v_BKME = k_BKEM[..., :w], v_BKME[:, :, :w]
         pk_RKEP, pv_RKPE = cache["prompt_k"][l], cache["prompt_v"][l]
         q_BKGE = q_BHE.reshape(b, kv, g, e)
         # Scores over the shared prompt part (read once per prompt) and the generated part,
