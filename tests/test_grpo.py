@@ -17,7 +17,8 @@ import pytest
 
 from rpo import grpo
 
-# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+# Its end-to-end fixture is costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup), and the
+# fixture is session-scoped, so that worker builds it once even when other modules' tests run between these.
 pytestmark = pytest.mark.xdist_group("grpo")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +126,7 @@ def _has_seven(texts, rows, reasons):
     return [float("7" in t) for t in texts]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def random_model(tmp_path_factory):
     """A random model of the quick config's shape (so that it shares the quick run's compilations)."""
     import jax

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+# Its end-to-end fixture is costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup), and the
+# fixture is session-scoped, so that worker builds it once even when other modules' tests run between these.
 pytestmark = pytest.mark.xdist_group("irpo")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ def _cmd(workdir, variant="quick", *overrides):
     return [sys.executable, "-m", "rpo.main", f"--config={CONFIG}:{variant}", f"--workdir={workdir}", *overrides]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished(tmp_path_factory):
     """An uninterrupted quick run through the README's entry point."""
     workdir = tmp_path_factory.mktemp("irpo") / "run"

@@ -24,7 +24,8 @@ import pytest
 
 from rpo import distributed
 
-# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+# Its end-to-end fixture is costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup), and the
+# fixture is session-scoped, so that worker builds it once even when other modules' tests run between these.
 pytestmark = pytest.mark.xdist_group("multihost")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,7 @@ def _flat(params) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.ravel(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """Results of the two processes, of the one-process run, and both runs' directories."""
     tmp = tmp_path_factory.mktemp("multihost")

@@ -17,7 +17,8 @@ import pytest
 from rpo import filters, stages
 from rpo import self_instruct as si
 
-# Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
+# Its end-to-end fixture is costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup), and the
+# fixture is session-scoped, so that worker builds it once even when other modules' tests run between these.
 pytestmark = pytest.mark.xdist_group("self_instruct")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +126,7 @@ def test_irpo_train_file_rows_and_errors(tmp_path):
         stages.load_prompts_file(str(path))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("self_instruct") / "run"
     res = subprocess.run(_cmd(workdir), capture_output=True, text=True, timeout=600, cwd=ROOT)
