@@ -34,7 +34,6 @@ Config fields: see configs/arith_tiny.py, which sets every one of them.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
@@ -111,11 +110,8 @@ def preference_pairs(ctx: stages.Context, t: int, it_dir: str, model_path: str, 
     """IRPO's training data: N samples per prompt from M_{t-1}, rewarded -> K (winner, loser) pairs per prompt ->
     their reference log-probs under M_{t-1}. Returns (iter<t>/pairs.jsonl, "pairs", results columns)."""
     samples = rewarded(sample(ctx, t, it_dir, model_path, prompts))
-    pairs = functools.cache(lambda: build_pairs(ctx.cfg, t, prompts, samples))  # seeded: the same when rebuilt
-    pstats = stages.artifact(os.path.join(it_dir, "pairs_stats.json"), lambda: pairs()[1])  # before pairs.jsonl
-    path = os.path.join(it_dir, "pairs.jsonl")
-    stages.artifact(path, lambda: stages.add_reference(ctx.models, model_path, pairs()[0], ctx.cfg,
-                                                       desc=f"iter{t} reference log-probs"), read=False)
+    path, pstats = stages.reference_pairs(ctx.models, model_path, it_dir, t, ctx.cfg,
+                                          lambda: build_pairs(ctx.cfg, t, prompts, samples))
     return path, "pairs", {**sample_stats(samples), **{k: pstats[k] for k in _PAIR_STATS}}
 
 

@@ -25,7 +25,6 @@ Stages and artifacts (workdir/...), each skipped when its file exists (rpo.stage
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
@@ -222,11 +221,8 @@ def run(cfg, workdir: str) -> list[dict]:
                                  seed=cfg.seed + 1_000_003 * t, desc=f"iter{t} respond x{k}")
             responses = _scored(cfg, [p for p in train_rows for _ in range(k)], responses,
                                 os.path.join(it_dir, "scores.jsonl"))
-            pairs = functools.cache(lambda: _pairs(t, train_rows, responses, k, context))  # the same when rebuilt
-            stats = stages.artifact(os.path.join(it_dir, "pairs_stats.json"), lambda: pairs()[1])  # before pairs.jsonl
-            pairs_path = os.path.join(it_dir, "pairs.jsonl")
-            stages.artifact(pairs_path, lambda: stages.add_reference(models, model_path, pairs()[0], cfg,
-                                                                     desc=f"iter{t} reference log-probs"), read=False)
+            pairs_path, stats = stages.reference_pairs(models, model_path, it_dir, t, cfg,
+                                                       lambda: _pairs(t, train_rows, responses, k, context))
             model_path = stages.train_phase(cfg, cfg.train, models, model_path=model_path, train_path=pairs_path,
                                             kind="pairs", out_dir=os.path.join(it_dir, "train"), tokenizer=tokenizer,
                                             desc=f"iter{t} train ({cfg.train.loss.kind})")

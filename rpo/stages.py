@@ -12,6 +12,7 @@
   train_phase               one rpo.train phase (SFT, or a preference loss on pairs); done.json marks it finished
   warm_start                M_0 by SFT on the gold solutions (iter0/)
   select_checkpoint         the export of a phase best on held-out training problems (select.json)
+  reference_pairs           preference pairs with their reference log-probs (pairs.jsonl, pairs_stats.json)
   add_reference             the reference log-probs of preference pairs
 """
 
@@ -582,6 +583,19 @@ def select_checkpoint(ctx: Context, train_dir: str, it_dir: str) -> tuple[str, d
 
     choice = artifact(os.path.join(it_dir, "select.json"), choose)
     return choice["path"], choice
+
+
+def reference_pairs(models: Models, model_path: str, it_dir: str, t: int, cfg, make: Callable[[], tuple]
+                    ) -> tuple[str, dict]:
+    """Iteration t's preference pairs with their reference log-probs under model_path (M_{t-1}): make() -> (rows,
+    stats), seeded, so a kill between the two files rebuilds the same pairs; it_dir/pairs_stats.json is written
+    first and it_dir/pairs.jsonl (with the log-probs) last, marking the stage done. Returns (pairs.jsonl, stats)."""
+    pairs = functools.cache(make)
+    stats = artifact(os.path.join(it_dir, "pairs_stats.json"), lambda: pairs()[1])
+    path = os.path.join(it_dir, "pairs.jsonl")
+    artifact(path, lambda: add_reference(models, model_path, pairs()[0], cfg, desc=f"iter{t} reference log-probs"),
+             read=False)
+    return path, stats
 
 
 def add_reference(models: Models, model_path: str, pair_rows: list[dict], cfg, desc: str) -> list[dict]:
