@@ -369,29 +369,39 @@ def roofline(args) -> None:
     print("\n".join(lines))
 
 
+def gsm8k_chat_prompts(data_dir: str, count: int):
+    """configs/smollm2.py's GSM8K setting and its first `count` test questions as zero-shot chat prompts:
+    (config, task, tokenizer, examples, prompt token ids)."""
+    from rpo import stages
+    from rpo.data import get_task
+    from rpo.files import load_module
+
+    cfg = load_module(os.path.join(os.path.dirname(RESULTS), "..", "..", "configs", "smollm2.py")).get_config(
+        f"gsm8k,runlocal,data={data_dir}")
+    cfg.task.max_examples = max(cfg.task.max_examples, count)
+    task = get_task(cfg.task)
+    tokenizer = stages.task_tokenizer(cfg, task)
+    examples = task.load("test")[:count]
+    rows = [stages.encode(tokenizer, stages.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos) for ex in examples]
+    return cfg, task, tokenizer, examples, rows
+
+
 def waste(args) -> None:
     """Finished-row waste on real completions: SmolLM2-135M-Instruct sampling GSM8K test questions (configs/
     smollm2.py's zero-shot chat prompts) at IRPO's temperature, N samples per prompt, EOS on."""
     import jax
     import numpy as np
 
-    from rpo import sampling, stages
-    from rpo.data import get_task
-    from rpo.files import load_module
+    from rpo import sampling
     from rpo.models import load_pretrained
 
-    cfg = load_module(os.path.join(os.path.dirname(RESULTS), "..", "..", "configs", "smollm2.py")).get_config(
-        f"gsm8k,runlocal,data={args.waste}")
-    task = get_task(cfg.task)
-    tokenizer = stages.task_tokenizer(cfg, task)
+    cfg, _, _, _, prompts = gsm8k_chat_prompts(args.waste, 8)
     config, params = load_pretrained(cfg.model.path)
-    examples = task.load("test")
     new, temperature = args.new or 512, float(cfg.irpo.temperatures[0])
     rng = np.random.default_rng(0)
     lines_out = []
     for n, prompts_n in [(n, {8: 8, 30: 4}[n]) for n in map(int, args.waste_n.split(","))]:
-        rows = [stages.encode(tokenizer, stages.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos)
-                for ex in examples[:prompts_n]]
+        rows = prompts[:prompts_n]
         stats = {}
         out = sampling.generate(config, params, rows, n=n, max_new_tokens=new, temperature=temperature, seed=0,
                                 batch_size=prompts_n, progress=False, stats=stats, eos_ids=config.eos_token_ids)
@@ -415,8 +425,7 @@ def waste(args) -> None:
     lines = [
         "## Finished-row waste (`--waste`): decode work spent on rows that had already finished",
         "",
-        f"- date: {utc_now()}; machine: "
-        f"{os.cpu_count()} cores, {cpu_model()}; jax {jax.__version__}",
+        f"- date: {utc_now()}; machine: {device_name()}; jax {jax.__version__}",
         f"- command: `{cmd}`",
         f"- SmolLM2-135M-Instruct sampling the first GSM8K test questions (configs/smollm2.py's zero-shot chat "
         f"prompts), temperature {temperature}, top_p 1, up to {new} new tokens, stopping at EOS; one batch per N",
@@ -443,18 +452,10 @@ def dtype_study(args) -> None:
     import jax
     import numpy as np
 
-    from rpo import sampling, stages
-    from rpo.data import get_task
-    from rpo.files import load_module
+    from rpo import sampling
     from rpo.models import load_pretrained
 
-    cfg = load_module(os.path.join(os.path.dirname(RESULTS), "..", "..", "configs", "smollm2.py")).get_config(
-        f"gsm8k,runlocal,data={args.dtype_study}")
-    cfg.task.max_examples = 64
-    task = get_task(cfg.task)
-    tokenizer = stages.task_tokenizer(cfg, task)
-    examples = task.load("test")[:64]
-    rows = [stages.encode(tokenizer, stages.prompt_text(cfg, task, tokenizer, ex), cfg.data.add_bos) for ex in examples]
+    cfg, task, tokenizer, examples, rows = gsm8k_chat_prompts(args.dtype_study, 64)
     new = args.new or 128
     res = {}
     for dtype in ("float32", "bfloat16"):
@@ -655,7 +656,7 @@ def main():
         "# Sampling benchmark: rpo.sampling vs transformers generate (CPU)",
         "",
         f"- date: {utc_now()}",
-        f"- machine: {ncpu} cores (`nproc`), {cpu_model()}, no accelerator",
+        f"- machine: {device_name()}",
         f"- versions: jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()}",
         f"- command: `{cmd}`",
