@@ -48,4 +48,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.temperature = 0.0  # 0: greedy
     c.sample.top_p = 1.0
     c.sample.top_k = 0
+    c.sample.batch_prompts = 32  # prompts per sampling batch (batch_prompts x n rows decode together)
     return c

@@ -93,7 +93,7 @@ def _sample(opts, path, local):
     c.mesh = configlib.mesh()
     c.sample = ml_collections.ConfigDict(dict(
         prompts=tuple(tuple(p) for p in prompts), n=4 if local else 16, max_new_tokens=96 if local else 512,
-        temperature=0.8, top_p=0.95, top_k=0,
+        temperature=0.8, top_p=0.95, top_k=0, batch_prompts=16,
     ))
     return c
 

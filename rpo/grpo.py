@@ -312,7 +312,7 @@ def _phase(cfg, t: int, models: stages.Models, task, tokenizer, rows: list[dict]
             out = sampling.generate(
                 model_config, state["params"], [r["prompt_ids"] for r in prompts], n=g.group_size,
                 max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, eos_ids=eos,
-                stop=list(task.stop), tokenizer=tokenizer, seed=cfg.seed * 1_000_003 + 7_919 * (gstep + 1),
+                stop=list(task.stop), tokenizer=tokenizer, seed=stages.sampling_seed(cfg.seed, "rollout", gstep),
                 batch_size=g.chunk_prompts, mesh=mesh, rules=rules, progress=False)
             flat = [(i, j) for i in range(len(prompts)) for j in range(g.group_size)]
             texts = tokenizer.batch_decode([out.tokens[i][j] for i, j in flat], skip_special_tokens=True)

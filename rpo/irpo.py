@@ -169,8 +169,8 @@ def sample(ctx: stages.Context, t: int, it_dir: str, model_path: str, prompts: l
     return stages.sample_and_score(
         ctx.models, model_path, ctx.task, ctx.tokenizer, prompts, os.path.join(it_dir, "samples"),
         n=i.samples_per_prompt, temperature=i.temperatures[t - 1], top_p=i.top_p, top_k=i.top_k,
-        max_new_tokens=i.max_new_tokens, chunk=i.chunk_prompts, seed=ctx.cfg.seed + 1_000_003 * t,
-        desc=f"iter{t} sample",
+        max_new_tokens=i.max_new_tokens, chunk=i.chunk_prompts, desc=f"iter{t} sample",
+        seed=stages.sampling_seed(ctx.cfg.seed, "iteration", t),
     )
 
 

@@ -418,17 +418,3 @@ def grpo_denominator(mask_BT, row_mask_B, *, normalization: str, max_new_tokens:
     else:
         raise ValueError(f"GRPO normalization {normalization!r}: use one of {NORMALIZATIONS}")
     return jnp.maximum(den, 1.0)
-
-
-def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, *, clip_low: float, clip_high: float, beta: float,
-              normalization: str, max_new_tokens: int, row_mask_B=None, kl_ratio: bool = False) -> tuple[jax.Array, Metrics]:
-    """The GRPO loss of one batch (per-token arrays aligned with the completion tokens, mask True on them), with
-    its metrics averaged over the batch's tokens."""
-    row_mask_B = jnp.ones(adv_B.shape, bool) if row_mask_B is None else row_mask_B
-    mask_BT = mask_BT.astype(bool) & row_mask_B[:, None]
-    tl, ind = grpo_token_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, clip_low=clip_low,
-                              clip_high=clip_high, beta=beta, kl_ratio=kl_ratio)
-    loss = grpo_numerator(tl, mask_BT, row_mask_B, normalization=normalization) / grpo_denominator(
-        mask_BT, row_mask_B, normalization=normalization, max_new_tokens=max_new_tokens)
-    tokens = jnp.maximum(jnp.sum(mask_BT), 1)
-    return loss, {k: jnp.sum(v) / tokens for k, v in ind.items()}

@@ -96,7 +96,7 @@ def sample_job(config, workdir: str) -> str:
     t0 = time.time()
     out = sampling.generate(
         model_config, params, prompts, n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-        top_p=s.top_p, top_k=s.top_k, seed=config.seed, mesh=mesh,
+        top_p=s.top_p, top_k=s.top_k, seed=config.seed, batch_size=s.batch_prompts, mesh=mesh,
     )
     n_tokens = sum(len(c) for per_prompt in out.tokens for c in per_prompt)
     logging.info(f"{n_tokens} tokens in {time.time() - t0:.1f}s (compile included)")

@@ -170,10 +170,8 @@ def _pairs(t: int, prompts: list[dict], responses: list[dict], k: int, max_len: 
 def evaluate(cfg, models, model_path, tokenizer, held, it_dir, baseline: list[float] | None) -> tuple[dict, bool]:
     """Greedy responses to the held-out prompts, scored: it_dir/eval.json {eval_reward_mean, eval_reward_std,
     win_rate_vs_m0 (against `baseline`, M_0's scores, when given; ties count half)}."""
-    path = os.path.join(it_dir, "eval.json")
-    fresh = not os.path.exists(path)
-    return stages.artifact(path, lambda: _held_out_metrics(cfg, models, model_path, tokenizer, held, it_dir,
-                                                           baseline)), fresh
+    return stages.evaluation(it_dir, lambda: _held_out_metrics(cfg, models, model_path, tokenizer, held, it_dir,
+                                                               baseline))
 
 
 def _held_out_metrics(cfg, models, model_path, tokenizer, held, it_dir, baseline: list[float] | None) -> dict:
@@ -218,7 +216,7 @@ def run(cfg, workdir: str) -> list[dict]:
             k = r.responses_per_prompt
             responses = _respond(models, model_path, tokenizer, train_rows, os.path.join(it_dir, "responses"), cfg,
                                  n=k, temperature=r.temperature, max_new_tokens=r.max_new_tokens,
-                                 seed=cfg.seed + 1_000_003 * t, desc=f"iter{t} respond x{k}")
+                                 seed=stages.sampling_seed(cfg.seed, "iteration", t), desc=f"iter{t} respond x{k}")
             responses = _scored(cfg, [p for p in train_rows for _ in range(k)], responses,
                                 os.path.join(it_dir, "scores.jsonl"))
             pairs_path, stats = stages.reference_pairs(models, model_path, it_dir, t, cfg,

@@ -369,7 +369,8 @@ def _rip_filter(cfg, tokenizer, models, model_path, candidates, workdir, context
     responses = stages.sample_and_score(
         models, model_path, None, tokenizer, rows, os.path.join(workdir, "respond"), n=k,
         temperature=s.solve_temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.solve_max_new_tokens,
-        chunk=s.chunk_prompts, seed=cfg.seed + 17, desc=f"self-instruct respond x{k}", stop=[], score=none)
+        chunk=s.chunk_prompts, seed=stages.sampling_seed(cfg.seed, "respond"), desc=f"self-instruct respond x{k}",
+        stop=[], score=none)
     texts = [[x["text"] for x in responses[i * k: (i + 1) * k]] for i in range(len(rows))]
     if s.reward_model:
         scores = _reward_model_scores(cfg, [r["question"] for r in rows], texts)

@@ -60,6 +60,24 @@ def artifact(path: str, make: Callable[[], Any], *, read: bool = True):
     return value
 
 
+def sampling_seed(seed: int, stream: str, step: int = 0) -> int:
+    """The seed of one stage's sampling, derived from the run's seed so that no two stages (or iterations, or GRPO
+    steps) draw the same keys. The offsets are arbitrary distinct constants, kept as first written so that
+    existing run directories resume with the same samples; sample_and_score adds each chunk's first row index.
+    Known overlap, kept for that reason: at seed 0, GRPO's first rollout step ("rollout", 0) draws the uniforms of
+    the evaluations' first chunk ("eval"), on other prompts; no other pair of streams meets within a run of fewer
+    than 7,900 rows per sampling call."""
+    offsets = {
+        "eval": lambda: seed + 7919,                                  # every evaluation (its keys repeat per model)
+        "iteration": lambda: seed + 1_000_003 * step,                 # IRPO / reward-model DPO iteration `step`
+        "respond": lambda: seed + 17,                                 # CoT-Self-Instruct's K solutions
+        "rollout": lambda: seed * 1_000_003 + 7_919 * (step + 1),     # GRPO's global step `step`
+    }
+    if stream not in offsets:
+        raise ValueError(f"unknown sampling stream {stream!r}; one of {sorted(offsets)}")
+    return offsets[stream]()
+
+
 # Fields that may change between runs in the same workdir (extending a finished run; the
 # temperatures of the iterations already run must stay).
 _MUTABLE = ("irpo.iterations", "irpo.temperatures", "workdir")
@@ -442,9 +460,14 @@ def sample_and_score(models: Models, model_path: str, task, tokenizer, rows, out
 def evaluate(ctx: Context, model_path: str, it_dir: str) -> tuple[dict, bool]:
     """Greedy accuracy, maj@k and pass@k of model_path on the test rows, written to it_dir/eval.json.
     Returns (metrics, whether they were computed now rather than read back)."""
+    return evaluation(it_dir, lambda: _test_metrics(ctx, model_path, it_dir))
+
+
+def evaluation(it_dir: str, make: Callable[[], dict]) -> tuple[dict, bool]:
+    """The artifact it_dir/eval.json, and whether make() computed it now (a resumed run logs only new ones)."""
     path = os.path.join(it_dir, "eval.json")
     fresh = not os.path.exists(path)
-    return artifact(path, lambda: _test_metrics(ctx, model_path, it_dir)), fresh
+    return artifact(path, make), fresh
 
 
 def _test_metrics(ctx: Context, model_path: str, it_dir: str) -> dict:
@@ -452,7 +475,7 @@ def _test_metrics(ctx: Context, model_path: str, it_dir: str) -> dict:
 
     cfg, rows, e = ctx.cfg, ctx.data["test"], ctx.cfg.eval
     common = dict(top_p=e.top_p, top_k=e.top_k, max_new_tokens=e.max_new_tokens, chunk=e.chunk_prompts,
-                  seed=cfg.seed + 7919)
+                  seed=sampling_seed(cfg.seed, "eval"))
     greedy = sample_and_score(ctx.models, model_path, ctx.task, ctx.tokenizer, rows,
                               os.path.join(it_dir, "eval_greedy"), n=1, temperature=0.0,
                               desc=f"{os.path.basename(it_dir)} eval greedy", **common)

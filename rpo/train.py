@@ -582,9 +582,6 @@ def run(cfg, workdir: str, *, on_step: Callable[[int, dict], None] | None = None
 # rows that cannot move the loss (advantage 0 and no KL term) may be left out of the batch while still counting in
 # the normaliser (rpo.grpo does so), which gives the same gradient for less compute.
 
-ROLLOUT_FIELDS = ("tokens_BT", "positions_BT", "mask_BT", "loss_mask_BT", "old_logps_BT", "ref_logps_BT", "adv_B",
-                  "row_mask_B")
-
 
 def make_rollout_batch(rows: list[dict], batch_size: int, *, seq_len: int, pad_id: int) -> Batch:
     """Packs up to `batch_size` rollout rows (the rest are padding rows) into numpy arrays [B, ...]. A row whose

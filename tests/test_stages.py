@@ -66,3 +66,19 @@ def test_a_run_recorded_before_a_field_was_declared_still_resumes(tmp_path):
     with pytest.raises(ValueError, match="task.name"):
         stages.check_same_run(ml_collections.ConfigDict(dict(task=dict(name="gsm8k", train_file=""), irpo=dict(
             temperatures=[1.0], iterations=1))), str(tmp_path), record=False)
+
+
+def test_sampling_streams_never_share_a_seed_and_an_unknown_stream_is_named():
+    seeds = [stages.sampling_seed(s, "eval") for s in range(3)]  # ("rollout", 0) at seed 0 meets "eval": see its doc
+    seeds += [stages.sampling_seed(s, "respond") for s in range(3)]
+    seeds += [stages.sampling_seed(s, stream, t) for s in range(3) for stream in ("iteration", "rollout")
+              for t in range(1, 50)]
+    assert len(set(seeds)) == len(seeds)
+    with pytest.raises(ValueError, match="'evaluation'.*eval"):
+        stages.sampling_seed(0, "evaluation")
+
+
+def test_an_evaluation_says_whether_it_was_computed_now(tmp_path):
+    first = stages.evaluation(str(tmp_path), lambda: {"greedy_accuracy": 0.5})
+    again = stages.evaluation(str(tmp_path), lambda: {"greedy_accuracy": 0.0})
+    assert first == ({"greedy_accuracy": 0.5}, True) and again == ({"greedy_accuracy": 0.5}, False)
