@@ -114,6 +114,19 @@ def _chunked_logps_bwd(res, g_B):
 _chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
 
 
+def _chunks(hidden_BTD, targets_BT, mask_BT, chunk_size: int):
+    """(hidden [N, B, C, D], targets [N, B, C] int32, mask [N, B, C] bool): the sequence cut into N chunks of
+    C = min(chunk_size, T) tokens for a scan, T padded up to N x C with masked-out positions."""
+    b, t, d = hidden_BTD.shape
+    c = max(1, min(int(chunk_size), t))
+    n = -(-t // c)
+    pad = ((0, 0), (0, n * c - t))
+    hidden_BTD = jnp.pad(hidden_BTD, pad + ((0, 0),))
+    targets_BT, mask_BT = jnp.pad(targets_BT.astype(jnp.int32), pad), jnp.pad(mask_BT.astype(bool), pad)
+    return (hidden_BTD.reshape(b, n, c, d).transpose(1, 0, 2, 3),
+            targets_BT.reshape(b, n, c).transpose(1, 0, 2), mask_BT.reshape(b, n, c).transpose(1, 0, 2))
+
+
 def logps_from_hidden(
     hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *, chunk_size: int
 ) -> jax.Array:
@@ -125,23 +138,12 @@ def logps_from_hidden(
     first rotated to start at the first masked position of the batch, and chunks with no
     masked token (prompt-only or padding-only) skip the vocabulary projection entirely.
     """
-    b, t, d = hidden_BTD.shape
     # Rotate the sequence so that the first position holding a loss token in any row comes
     # first: leading prompt-only chunks then fall at the end, padding-only, and are skipped.
     weights_BT = weights_BT.astype(bool)
     first = jnp.argmax(jnp.any(weights_BT, axis=0))
     hidden_BTD, targets_BT, weights_BT = (jnp.roll(x, -first, axis=1) for x in (hidden_BTD, targets_BT, weights_BT))
-    c = max(1, min(int(chunk_size), t))
-    n = -(-t // c)
-    pad = n * c - t
-    if pad:
-        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
-    # [N, B, C, ...]: scan over the N chunks.
-    h_NBCD = hidden_BTD.reshape(b, n, c, d).transpose(1, 0, 2, 3)
-    y_NBC = targets_BT.astype(jnp.int32).reshape(b, n, c).transpose(1, 0, 2)
-    m_NBC = weights_BT.astype(bool).reshape(b, n, c).transpose(1, 0, 2)
+    h_NBCD, y_NBC, m_NBC = _chunks(hidden_BTD, targets_BT, weights_BT, chunk_size)
     return _chunked_logps(h_NBCD, w_DV, y_NBC, m_NBC)
 
 
@@ -318,18 +320,9 @@ def token_logps_from_hidden(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: 
     [B, C, V] logits live at a time, forward and backward (the backward recomputes them); chunks without a masked
     token skip the projection. (sequence_logps' hand-written VJP gives only a row sum; GRPO needs each token.)
     """
-    b, t, d = hidden_BTD.shape
-    c = max(1, min(int(chunk_size), t))
-    n = -(-t // c)
-    pad = n * c - t
-    mask_BT = mask_BT.astype(bool)
-    if pad:
-        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
-    h_NBCD = hidden_BTD.reshape(b, n, c, d).transpose(1, 0, 2, 3)
-    y_NBC = targets_BT.astype(jnp.int32).reshape(b, n, c).transpose(1, 0, 2)
-    m_NBC = mask_BT.reshape(b, n, c).transpose(1, 0, 2)
+    b, t, _ = hidden_BTD.shape
+    h_NBCD, y_NBC, m_NBC = _chunks(hidden_BTD, targets_BT, mask_BT, chunk_size)
+    n, c = h_NBCD.shape[0], h_NBCD.shape[2]
 
     @jax.checkpoint
     def chunk(h_BCD, y_BC):
