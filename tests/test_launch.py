@@ -425,3 +425,24 @@ def test_launch_sweep_runs_every_point_and_tables_their_results(tmp_path):
     res = _launch(["sweep", f"{config}:quick", f"--base-workdir={base}", *cheap], env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert res.stderr.count("finished before, skipped") == 2
+
+
+def test_the_suites_worker_groups_hold(tmp_path):
+    """launch.sh runs the suite with `--dist loadgroup` so that the tests of a module marked xdist_group (the
+    costly session fixtures: multihost, IRPO, GRPO, ...) share one worker and build the fixture once. With
+    pytest 9.2.0 and pytest-xdist 3.8.0 that grouping silently stopped (pytest-xdist issue 1386): here six
+    grouped tests must see one worker process."""
+    assert "--dist loadgroup" in open(LAUNCH).read()
+    (tmp_path / "test_grouped.py").write_text(textwrap.dedent('''
+        import os, pytest
+        pytestmark = pytest.mark.xdist_group("one")
+        @pytest.mark.parametrize("i", range(6))
+        def test_record_the_worker(i):
+            open(os.path.join(os.path.dirname(__file__), f"pid-{i}"), "w").write(str(os.getpid()))
+    '''))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p",
+                          "no:cacheprovider", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=600)  # a hang guard only
+    assert res.returncode == 0, res.stdout + res.stderr
+    pids = {(tmp_path / f"pid-{i}").read_text() for i in range(6)}
+    assert len(pids) == 1, f"the grouped tests ran on {len(pids)} workers"
