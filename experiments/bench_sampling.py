@@ -24,6 +24,9 @@ of the results file:
 On a GPU, in one call that fits a 10-minute limit (no wheel, no transformers needed):
   timeout 540 python experiments/bench_sampling.py --roofline --model smollm2-shape --dtype bfloat16 --runs 3
 
+--profile (CPU) traces one decode step per --rows with jax.profiler and splits its kernels' time into the
+matmuls (with their FLOP rate against the peak) and the rest by op (its own section of the results file).
+
 --waste GSM8K_DIR measures the decode work spent on rows that have finished (EOS) while the batch runs on,
 for SmolLM2 sampling GSM8K test questions at N = 8 and 30 (--waste-n), and what would be left if whole
 prompt groups were refilled (its own section of the results file).
@@ -230,6 +233,32 @@ def step_bytes(config, rows: int, n: int, plen: int, context: int) -> float:
     return size * (weights + cache)
 
 
+def decode_step_alone(config, params, rows: int, n: int, plen: int, new: int):
+    """(run, hlo): run() takes one jitted decode_step at the roofline's shapes (prompts of plen tokens, the
+    generated cache filled to new / 2), its cache donated and written in place as in the sampler's loop, and
+    returns the logits; hlo() is that step's compiled HLO text."""
+    import jax
+    import jax.numpy as jnp
+
+    from rpo.models import decoder
+
+    layers, w_DV = decoder.step_params(config, params)
+    r = rows // n
+    kv = {name: jax.random.normal(jax.random.key(1), (config.num_layers, r, plen, config.num_kv_heads,
+                                                      config.head_dim)) for name in ("k", "v")}
+    state = {"cache": decoder.step_cache(config, kv, jnp.ones((r, plen), bool), n, new)}
+    state["cache"]["index"] = jnp.int32(new // 2)
+    tok = jnp.zeros((rows,), jnp.int32)
+    step = jax.jit(lambda tok, cache: decoder.decode_step(config, params, layers, w_DV, tok, tok, cache),
+                   donate_argnums=(1,))
+    def run():
+        logits, state["cache"] = step(tok, state["cache"])
+        state["cache"]["index"] = jnp.int32(new // 2)
+        return logits
+
+    return run, lambda: step.lower(tok, state["cache"]).compile().as_text()
+
+
 def components(config, params, rows: int, n: int, plen: int, new: int, runs: int) -> dict[str, float]:
     """Seconds per decode step of each part of the step, timed alone at the step's shapes (jitted, median of
     runs): the layers' matmuls, the vocabulary projection, the token choice (sampled, full vocabulary); and the
@@ -253,21 +282,7 @@ def components(config, params, rows: int, n: int, plen: int, new: int, runs: int
             x = x + jax.nn.silu(x @ p["gate_up"])[:, :f] @ p["down"]
         return x
 
-    r = rows // n
-    kv = {name: jax.random.normal(jax.random.key(1), (config.num_layers, r, plen, config.num_kv_heads,
-                                                      config.head_dim)) for name in ("k", "v")}
-    cache = decoder.step_cache(config, kv, jnp.ones((r, plen), bool), n, new)
-    cache["index"] = jnp.int32(new // 2)
-    tok = jnp.zeros((rows,), jnp.int32)
-    step = jax.jit(lambda tok, cache: decoder.decode_step(config, params, layers, w_DV, tok, tok, cache),
-                   donate_argnums=(1,))
-
-    def step_alone():  # the cache is donated and written in place, as in the sampler's loop
-        nonlocal cache
-        logits, cache = step(tok, cache)
-        cache["index"] = jnp.int32(new // 2)
-        return logits
-
+    step_alone, _ = decode_step_alone(config, params, rows, n, plen, new)
     spec = sampling._Spec(greedy=False, top_k=0, use_top_p=False, candidates=256, n=n, max_new=new, num_eos=0,
                           stop_shape=(0, 0))
     logits = jax.random.normal(jax.random.key(2), (rows, config.vocab_size))
@@ -283,6 +298,92 @@ def components(config, params, rows: int, n: int, plen: int, new: int, runs: int
     out["attention, norms, RoPE, cache writes (decode_step minus the two matmul parts)"] = (
         whole - out["layer matmuls (q/k/v, o, gate/up, down)"] - out["vocabulary projection"])
     return out
+
+
+def profile_step(config, params, rows: int, n: int, plen: int, new: int, steps: int) -> dict:
+    """One decode step (decode_step_alone's) under jax.profiler, CPU: its untraced median seconds ('wall_s'), the
+    traced steps' seconds ('traced_s') and kernel seconds per step by the JAX op each compiled kernel comes from
+    (a fusion: its root's; summed over the threads that launched them) ('kinds')."""
+    import collections
+    import glob
+    import re
+
+    import jax
+    from jax.profiler import ProfileData
+
+    run, hlo = decode_step_alone(config, params, rows, n, plen, new)
+    wall = _median_time(run, steps)
+    kind_of = {}  # compiled instruction -> the op named by its metadata
+    for line in hlo().splitlines():
+        m = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = .*?metadata=\{op_name="([^"]+)"', line)
+        if m:  # "dot_general" keeps its einsum spec, if any: "rkxe,rkep->rkxp dot_general"
+            path = m.group(2).split("/")
+            kind_of[m.group(1)] = " ".join(path[-2:]) if path[-1] == "dot_general" and "->" in path[-2] else path[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                jax.block_until_ready(run())
+            traced = (time.perf_counter() - t0) / steps
+        (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+        data = ProfileData.from_file(path)
+    kinds = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if line.name != "python" and ev.name in kind_of:
+                    kinds[kind_of[ev.name]] += ev.duration_ns / 1e9 / steps
+    return {"wall_s": wall, "traced_s": traced, "kinds": kinds}
+
+
+def profile(args) -> None:
+    """--profile: where a decode step's time goes, from jax.profiler's trace of the compiled kernels."""
+    import jax
+
+    n, plen, new = args.n, args.prompt_len or 128, args.new or 64
+    steps = max(args.runs, 5)
+    load_start = os.getloadavg()
+    peak = matmul_peak(dtype=args.dtype)
+    rows_list = [int(x) for x in args.rows.split(",")]
+    table = []
+    for label, config, params in roofline_models(args.model, args.dtype):
+        for rows in rows_list:
+            p = profile_step(config, params, rows, n, plen, new, steps)
+            k = p["kinds"]
+            dots = sum(v for o, v in k.items() if o.endswith("dot_general"))
+            rest = sum(k.values()) - dots
+            attn = sum(v for o, v in k.items() if o.startswith(("rkxe", "rkxp", "bkge", "bkgm")))
+            top = ", ".join([f"{o} {v * 1e3:.1f}" for o, v in k.most_common() if not o.endswith("dot_general")][:3])
+            table.append((label, rows, p, dots, attn, rest, top, step_flops(config, rows, plen + new // 2)))
+            print(f"{label}, {rows} rows: step {p['wall_s'] * 1e3:.1f} ms (traced {p['traced_s'] * 1e3:.1f}); "
+                  f"matmul kernels {dots * 1e3:.1f} ms, other kernels {rest * 1e3:.1f} ms ({top})\n  by op: "
+                  + ", ".join(f"{o} {v * 1e3:.1f}" for o, v in k.most_common(8)), flush=True)
+    if args.no_record:
+        return
+    lines = [
+        "## Decode step profile (`--profile`): matmul kernels against the rest",
+        "",
+        f"- date: {utc_now()}; machine: {device_name()}; jax {jax.__version__}; compute dtype {args.dtype}",
+        f"- command: `{command_line()}`",
+        f"- one decode step at the roofline's shapes (rows = prompts x N, N = {n}, {plen}-token prompts, the "
+        f"generated cache filled to {new // 2} of {new} slots), traced with jax.profiler for {steps} steps; each "
+        "kernel's time is attributed to the JAX op its compiled instruction comes from (a fusion: its root op). "
+        "A kernel is one event on the thread that launched it (its helper threads' work is inside that span), so "
+        "the shares are of the traced step's wall time; they can pass 100% together where two kernels overlap",
+        f"- matmul kernels' GFLOP/s = the step's FLOPs (as --roofline counts them) / the matmul kernels' seconds, "
+        f"against the {args.dtype} 2048^3 matmul peak measured in the same run: {peak / 1e9:.1f} GFLOP/s",
+        f"- load average (1 min) at start / end: {load_start[0]:.2f} / {os.getloadavg()[0]:.2f}",
+        "",
+        "| model | rows | step (ms) | traced step (ms) | matmul kernels (ms, share) | of which attention's "
+        "einsums (ms) | other kernels (ms, share) | largest other ops (ms) | matmul kernels' GFLOP/s (fraction of "
+        "the peak) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ] + [f"| {label} | {rows} | {p['wall_s'] * 1e3:.1f} | {p['traced_s'] * 1e3:.1f} | {dots * 1e3:.1f} "
+         f"({dots / p['traced_s']:.0%}) | {attn * 1e3:.1f} | {rest * 1e3:.1f} ({rest / p['traced_s']:.0%}) | {top} | "
+         f"{flops / dots / 1e9:.1f} ({flops / dots / peak:.2f}) |"
+         for label, rows, p, dots, attn, rest, top, flops in table]
+    _record_section("## Decode step profile (`--profile`)", lines)
+    print("\n".join(lines))
 
 
 def roofline(args) -> None:
@@ -541,7 +642,10 @@ def main():
     ap.add_argument("--roofline", action="store_true",
                     help="achieved GFLOP/s against the measured matmul peak, prefill and decode, per --rows "
                          "(--model smollm2 | random | both), and where a decode step's time goes")
-    ap.add_argument("--rows", default="64,256", help="--roofline: decode rows (prompts x N)")
+    ap.add_argument("--rows", default="64,256", help="--roofline, --profile: decode rows (prompts x N)")
+    ap.add_argument("--profile", action="store_true",
+                    help="CPU: trace one decode step per --rows with jax.profiler (--model as --roofline): the "
+                         "matmul kernels' share of the step and their FLOP rate, and the other kernels by op")
     ap.add_argument("--dtype-study", default="", metavar="GSM8K_DIR",
                     help="bfloat16 against float32 on SmolLM2: greedy agreement over 64 GSM8K prompts, and speed")
     ap.add_argument("--waste-n", default="8,30", choices=("8,30", "8", "30"),
@@ -558,10 +662,10 @@ def main():
     if args.dtype_study:
         dtype_study(args)
         return
-    if args.roofline:
+    if args.roofline or args.profile:
         if args.model == "random" and "--model" not in " ".join(sys.argv):
             args.model = "both"
-        roofline(args)
+        (profile if args.profile else roofline)(args)
         return
     small = args.model == "smollm2"
     args.prompts = args.prompts or (8 if small else 32)
