@@ -18,6 +18,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from rpo import files
 from rpo.data import Example, get_task
 from rpo.data import arc as arc_lib
 from rpo.data import gsm8k as gsm8k_lib
@@ -400,7 +401,7 @@ def test_arc_from_the_official_zip_checks_tfds_registered_checksum(tmp_path, mon
     # With TFDS expecting this zip (as it expects the real 680 MB one), the same rows come out.
     builder_cls = arc_lib.tfds.builder_cls("ai2_arc")
     info = arc_lib.tfds.core.download.checksums.UrlInfo(
-        size=path.stat().st_size, checksum=arc_lib.tfds_util.sha256(path), filename=arc_lib.ZIP_NAME
+        size=path.stat().st_size, checksum=files.sha256(path), filename=arc_lib.ZIP_NAME
     )
     monkeypatch.setattr(builder_cls, "url_infos", {arc_lib.ZIP_URL: info})
     from_zip = get_task(config("arc", src, tmp_path, tfds_dir=str(tmp_path / "tfds_zip"))).load("test")

@@ -14,7 +14,6 @@ script in a subprocess.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax

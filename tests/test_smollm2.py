@@ -24,7 +24,7 @@ import torch
 import transformers
 
 import rpo.models as M
-from rpo import irpo, sampling, stages, train
+from rpo import files, irpo, sampling, stages, train
 from rpo.models import gguf_import, smollm2
 
 # Its module-scoped fixtures are costly: all of its tests go to one xdist worker (launch.sh: --dist loadgroup).
@@ -123,7 +123,7 @@ def test_conversion_equals_transformers_reading_of_the_gguf_file(model_dir, toke
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (IM_START, IM_END)
     src = gguf_import.read_source(model_dir)
     assert src["tensor_types"] == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
-    assert src["sha256"] == gguf_import._sha256(path)
+    assert src["sha256"] == files.sha256(path)
 
 
 def test_float32_logits_match_transformers(ours, hf, prompts):

@@ -37,6 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from rpo import files
 from rpo.data import Example, score_by_answer
 from rpo.data import tfds_util
 from rpo.data.tfds_util import BadRow, tfds
@@ -144,7 +145,7 @@ class ARCTask:
             extracted.mkdir(parents=True)
             if sources[0].name == ZIP_NAME:
                 zip_path = sources[0]
-                got = tfds_util.sha256(zip_path)
+                got = files.sha256(zip_path)
                 if got != registered.checksum:
                     raise ValueError(
                         f"{zip_path}: sha256 {got} is not the {registered.checksum} TFDS registers for the official "

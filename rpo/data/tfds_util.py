@@ -27,7 +27,6 @@ Conventions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -104,14 +103,6 @@ def jsonl_rows(
         yield lineno - 1, parsed
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepare_or_reuse(
     make_builder: Callable[[], tfds.core.DatasetBuilder],
     sources: Sequence[Path],
@@ -122,7 +113,7 @@ def prepare_or_reuse(
     `prepare(builder)` runs builder.download_and_prepare and returns the skipped rows; it is
     called only when no data prepared from these exact sources exists.
     """
-    want = {p.name: sha256(p) for p in sources}
+    want = {p.name: files.sha256(p) for p in sources}
     builder = make_builder()
     data_path = Path(os.fspath(builder.data_path))
     record_path, marker = data_path / RECORD, preparing_marker(data_path)

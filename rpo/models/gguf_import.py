@@ -34,7 +34,6 @@ are stored unpermuted (llama.cpp applies the half-rotation "neox" rope to them).
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 
+from rpo import files
 from rpo.files import write_json
 from rpo.models import config as config_lib
 from rpo.models.safetensors_io import CheckpointError
@@ -196,14 +196,6 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32", tokenizer: bool = True,
                  overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> str:
     """Writes the HF model directory of a GGUF file into out_dir and returns out_dir.
@@ -290,7 +282,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32", tokeni
         if tokenizer:
             _write_tokenizer(gguf_path, fields, tmp)
         write_json(os.path.join(tmp, SOURCE_FILE), {
-            "gguf_file": os.path.basename(gguf_path), "sha256": _sha256(gguf_path),
+            "gguf_file": os.path.basename(gguf_path), "sha256": files.sha256(gguf_path),
             "general.name": fields.get("general.name"), "architecture": config.model_type,
             "tensor_types": dict(collections.Counter(t.tensor_type.name for t in tensors.values())),
             "dtype": dtype, "tokenizer": bool(tokenizer), "converter_version": CONVERTER_VERSION,

