@@ -317,8 +317,8 @@ def profile_step(config, params, rows: int, n: int, plen: int, new: int, steps: 
     for line in hlo().splitlines():
         m = re.match(r'\s*(?:ROOT )?%?([\w.-]+) = .*?metadata=\{op_name="([^"]+)"', line)
         if m:  # "dot_general" keeps its einsum spec, if any: "rkxe,rkep->rkxp dot_general"
-            path = m.group(2).split("/")
-            kind_of[m.group(1)] = " ".join(path[-2:]) if path[-1] == "dot_general" and "->" in path[-2] else path[-1]
+            ops = m.group(2).split("/")
+            kind_of[m.group(1)] = " ".join(ops[-2:]) if ops[-1] == "dot_general" and "->" in ops[-2] else ops[-1]
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             t0 = time.perf_counter()

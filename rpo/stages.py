@@ -67,15 +67,15 @@ def sampling_seed(seed: int, stream: str, step: int = 0) -> int:
     Known overlap, kept for that reason: at seed 0, GRPO's first rollout step ("rollout", 0) draws the uniforms of
     the evaluations' first chunk ("eval"), on other prompts; no other pair of streams meets within a run of fewer
     than 7,900 rows per sampling call."""
-    offsets = {
-        "eval": lambda: seed + 7919,                                  # every evaluation (its keys repeat per model)
-        "iteration": lambda: seed + 1_000_003 * step,                 # IRPO / reward-model DPO iteration `step`
-        "respond": lambda: seed + 17,                                 # CoT-Self-Instruct's K solutions
-        "rollout": lambda: seed * 1_000_003 + 7_919 * (step + 1),     # GRPO's global step `step`
+    seeds = {
+        "eval": seed + 7919,                               # every evaluation (its keys repeat per model)
+        "iteration": seed + 1_000_003 * step,              # IRPO / reward-model DPO iteration `step`
+        "respond": seed + 17,                              # CoT-Self-Instruct's K solutions
+        "rollout": seed * 1_000_003 + 7_919 * (step + 1),  # GRPO's global step `step`
     }
-    if stream not in offsets:
-        raise ValueError(f"unknown sampling stream {stream!r}; one of {sorted(offsets)}")
-    return offsets[stream]()
+    if stream not in seeds:
+        raise ValueError(f"unknown sampling stream {stream!r}; one of {sorted(seeds)}")
+    return seeds[stream]
 
 
 # Fields that may change between runs in the same workdir (extending a finished run; the

@@ -41,8 +41,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 
-from rpo import files
-from rpo.files import write_json
+from rpo.files import sha256, write_json
 from rpo.models import config as config_lib
 from rpo.models.safetensors_io import CheckpointError
 
@@ -282,7 +281,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32", tokeni
         if tokenizer:
             _write_tokenizer(gguf_path, fields, tmp)
         write_json(os.path.join(tmp, SOURCE_FILE), {
-            "gguf_file": os.path.basename(gguf_path), "sha256": files.sha256(gguf_path),
+            "gguf_file": os.path.basename(gguf_path), "sha256": sha256(gguf_path),
             "general.name": fields.get("general.name"), "architecture": config.model_type,
             "tensor_types": dict(collections.Counter(t.tensor_type.name for t in tensors.values())),
             "dtype": dtype, "tokenizer": bool(tokenizer), "converter_version": CONVERTER_VERSION,
