@@ -28,8 +28,9 @@ On a GPU, in one call that fits a 10-minute limit (no wheel, no transformers nee
 matmuls (with their FLOP rate against the peak) and the rest by op (its own section of the results file).
 
 --waste GSM8K_DIR measures the decode work spent on rows that have finished (EOS) while the batch runs on,
-for SmolLM2 sampling GSM8K test questions at N = 8 and 30 (--waste-n), and what would be left if whole
-prompt groups were refilled (its own section of the results file).
+for SmolLM2 sampling GSM8K test questions (--waste-prompts, N = --waste-n), before (one call per 64 rows'
+worth of prompts, no refill) and after continuous batching (--waste-rows-per-prompt), checks the samples are
+identical, and replays the schedule for other settings (its own section of the results file).
 
 --dtype-study GSM8K_DIR: bfloat16 against float32 on SmolLM2 (greedy, 64 GSM8K prompts): how many
 completions are token-for-token equal, whether the answers agree, and the speed of each.
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -247,13 +249,14 @@ def decode_step_alone(config, params, rows: int, n: int, plen: int, new: int):
     kv = {name: jax.random.normal(jax.random.key(1), (config.num_layers, r, plen, config.num_kv_heads,
                                                       config.head_dim)) for name in ("k", "v")}
     state = {"cache": decoder.step_cache(config, kv, jnp.ones((r, plen), bool), n, new)}
-    state["cache"]["index"] = jnp.int32(new // 2)
+    half = lambda: jnp.full((rows,), new // 2, jnp.int32)  # noqa: E731  (a fresh array: the cache is donated)
+    state["cache"]["index"] = half()
     tok = jnp.zeros((rows,), jnp.int32)
     step = jax.jit(lambda tok, cache: decoder.decode_step(config, params, layers, w_DV, tok, tok, cache),
                    donate_argnums=(1,))
     def run():
         logits, state["cache"] = step(tok, state["cache"])
-        state["cache"]["index"] = jnp.int32(new // 2)
+        state["cache"]["index"] = half()
         return logits
 
     return run, lambda: step.lower(tok, state["cache"]).compile().as_text()
@@ -283,7 +286,7 @@ def components(config, params, rows: int, n: int, plen: int, new: int, runs: int
         return x
 
     step_alone, _ = decode_step_alone(config, params, rows, n, plen, new)
-    spec = sampling._Spec(greedy=False, top_k=0, use_top_p=False, candidates=256, n=n, max_new=new, num_eos=0,
+    spec = sampling._Spec(greedy=False, top_k=0, use_top_p=False, candidates=256, per_slot=n, max_new=new, num_eos=0,
                           stop_shape=(0, 0))
     logits = jax.random.normal(jax.random.key(2), (rows, config.vocab_size))
     u = jnp.full((rows,), 0.37, jnp.float32)
@@ -487,60 +490,199 @@ def gsm8k_chat_prompts(data_dir: str, count: int):
     return cfg, task, tokenizer, examples, rows
 
 
+def schedule(lengths, rows: int, per_slot: int, at_least: int) -> tuple[int, int]:
+    """(decode steps, live row-steps) of rpo.sampling's refill schedule (sampling._Run) for completions of these
+    lengths (lengths[i][j]: sample j of prompt i), replayed without a model: `rows` rows in prompt slots of
+    `per_slot` rows; prompts taken in order, a prompt's samples in order; once no prompt waits, an empty slot
+    copies the prompt with the most samples still to start; the loop hands back once `at_least` rows can be
+    refilled. Checked against the sampler's own counts in waste(); used to see other settings."""
+    n, slots = len(lengths[0]), rows // per_slot
+    slot_prompt, next_sample = [-1] * slots, {}
+    left = [0] * rows  # decode steps a row still has to run (its first token comes from the prefill)
+    busy = [False] * rows
+    nxt = steps = live = 0
+    unstarted = lambda r: 0 if slot_prompt[r] < 0 else n - next_sample[slot_prompt[r]]  # noqa: E731
+
+    def assign(r):
+        for b in range(r * per_slot, (r + 1) * per_slot):
+            if not busy[b] and unstarted(r):
+                i = slot_prompt[r]
+                left[b], busy[b] = lengths[i][next_sample[i]] - 1, True
+                next_sample[i] += 1
+
+    while True:
+        for r in range(slots):
+            if not unstarted(r) and not any(busy[r * per_slot:(r + 1) * per_slot]):
+                slot_prompt[r] = -1
+                if nxt < len(lengths):
+                    slot_prompt[r], next_sample[nxt], nxt = nxt, 0, nxt + 1
+            assign(r)
+        for r in range(slots):
+            if slot_prompt[r] < 0:
+                q = max(range(slots), key=unstarted)
+                if unstarted(q):
+                    slot_prompt[r] = slot_prompt[q]
+                    assign(r)
+        if not any(busy):
+            return steps, live
+
+        def refillable():
+            count = 0
+            for r in range(slots):
+                free = sum(left[b] == 0 for b in range(r * per_slot, (r + 1) * per_slot))
+                if unstarted(r):
+                    count += min(free, unstarted(r))
+                elif free == per_slot and (nxt < len(lengths) or any(map(unstarted, range(slots)))):
+                    count += per_slot
+            return count
+
+        while any(x > 0 for x in left) and refillable() < at_least:
+            steps += 1
+            live += sum(x > 0 for x in left)
+            left = [max(x - 1, 0) for x in left]
+        busy = [x > 0 for x in left]
+
+
+_BEFORE_DRIVER = """
+import json, sys, time
+from rpo import sampling
+from rpo.models import load_pretrained
+a = json.load(open(sys.argv[1]))
+config, params = load_pretrained(a["model"])
+kw = dict(a["kw"], eos_ids=config.eos_token_ids)
+stats = {}
+t = time.perf_counter()
+out = sampling.generate(config, params, a["prompts"], stats=stats, **kw)
+stats["wall_s"] = time.perf_counter() - t
+json.dump({"tokens": out.tokens, "logprobs": out.logprobs, "stats": stats}, open(sys.argv[2], "w"))
+"""
+
+
+def sample_before(rev: str, model: str, prompts, kw: dict) -> dict:
+    """generate as it was at git revision `rev`, in a subprocess over that revision's rpo/ (git archive): the
+    same call, its tokens, logprobs and stats."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(RESULTS), "..", "..")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(f"git -C {root} archive {rev} rpo | tar -x -C {tmp}", shell=True, check=True)
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump({"model": model, "prompts": prompts, "kw": kw}, f)
+        subprocess.run([sys.executable, "-c", _BEFORE_DRIVER, os.path.join(tmp, "args.json"),
+                        os.path.join(tmp, "out.json")], check=True, cwd=tmp, env=dict(os.environ, PYTHONPATH=tmp))
+        with open(os.path.join(tmp, "out.json")) as f:
+            return json.load(f)
+
+
 def waste(args) -> None:
-    """Finished-row waste on real completions: SmolLM2-135M-Instruct sampling GSM8K test questions (configs/
-    smollm2.py's zero-shot chat prompts) at IRPO's temperature, N samples per prompt, EOS on."""
+    """Finished-row waste on real completions, before and after continuous batching: SmolLM2-135M-Instruct
+    sampling GSM8K test questions (configs/smollm2.py's zero-shot chat prompts) at IRPO's temperature, N samples
+    per prompt, EOS on, 64 decode rows. Before: the sampler at git revision --waste-before (one batch of 64 / N
+    prompts after another, each running until its longest sample ends), in a subprocess. After: the sampler as it
+    is, one call with --waste-rows-per-prompt rows per prompt slot. Both wall times, the samples compared token
+    for token and logprob for logprob, a decode step timed for each rows-per-prompt setting, and the schedule
+    replayed for each setting and for longer calls."""
     import jax
     import numpy as np
 
     from rpo import sampling
     from rpo.models import load_pretrained
 
-    cfg, _, _, _, prompts = gsm8k_chat_prompts(args.waste, 8)
+    n, count, per_slot = int(args.waste_n), int(args.waste_prompts), int(args.waste_rows_per_prompt)
+    chunk = 64 // n
+    cfg, _, _, _, prompts = gsm8k_chat_prompts(args.waste, count)
     config, params = load_pretrained(cfg.model.path)
     new, temperature = args.new or 512, float(cfg.irpo.temperatures[0])
+    kw = dict(n=n, max_new_tokens=new, temperature=temperature, seed=0, batch_size=chunk, progress=False)
+    old = sample_before(args.waste_before, cfg.model.path, prompts, kw)
+    before = old["stats"]
+    print(f"before: {before}", flush=True)
+    kw["eos_ids"] = config.eos_token_ids
+    after = {}
+    t = time.perf_counter()
+    out = sampling.generate(config, params, prompts, rows_per_prompt=per_slot, stats=after, **kw)
+    after["wall_s"] = time.perf_counter() - t
+    print(f"after: {after}", flush=True)
+    plen = sampling.bucket(max(map(len, prompts)), 16)
+    step_ms = {}
+    for s in (8, 4, 2, 1):
+        run, _ = decode_step_alone(config, params, 64, s, plen, new)
+        step_ms[s] = 1e3 * _median_time(run, 5)
+        print(f"decode step, {s} rows per prompt slot: {step_ms[s]:.0f} ms", flush=True)
+    old_tokens, old_logprobs = old["tokens"], old["logprobs"]
+    same_tokens = sum(a == b for x, y in zip(old_tokens, out.tokens) for a, b in zip(x, y))
+    same_all = sum(a == b and c == d for x, y, u, v in zip(old_tokens, out.tokens, old_logprobs, out.logprobs)
+                   for a, b, c, d in zip(x, y, u, v))
+    lengths = [[len(t) for t in per] for per in out.tokens]
+    flat = np.array([k for per in lengths for k in per])
+    at_least = sampling._refill_min(64)
+    replay = schedule(lengths, 64, per_slot, at_least)
+    w = lambda st: 1 - st["live_slot_steps"] / st["slot_steps"]  # noqa: E731
+    lines_out = [
+        f"| before: the sampler at {args.waste_before}, batches of {chunk} prompts, a row per sample | "
+        f"{before['decode_steps']:,} | "
+        f"{before['slot_steps']:,} | {w(before):.0%} | {before['wall_s']:.0f} | 1.00x | |",
+        f"| after: continuous batching, {per_slot} rows per prompt slot | {after['decode_steps']:,} | "
+        f"{after['slot_steps']:,} | {w(after):.0%} | {after['wall_s']:.0f} | "
+        f"{before['wall_s'] / after['wall_s']:.2f}x | {same_tokens} / {same_all} of {flat.size} |",
+    ]
+    print("\n".join(lines_out), flush=True)
+    with open(os.path.join(os.path.dirname(RESULTS), "waste_lengths.json"), "w") as f:
+        json.dump({"n": n, "max_new_tokens": new, "temperature": temperature, "lengths": lengths}, f)
+    # Other settings, replayed on the same lengths, for calls of more prompts: drawn (with replacement) from
+    # these prompts' groups of samples.
     rng = np.random.default_rng(0)
-    lines_out = []
-    for n, prompts_n in [(n, {8: 8, 30: 4}[n]) for n in map(int, args.waste_n.split(","))]:
-        rows = prompts[:prompts_n]
-        stats = {}
-        out = sampling.generate(config, params, rows, n=n, max_new_tokens=new, temperature=temperature, seed=0,
-                                batch_size=prompts_n, progress=False, stats=stats, eos_ids=config.eos_token_ids)
-        lens = np.array([len(t) for per in out.tokens for t in per])
-        measured = 1 - stats["live_slot_steps"] / stats["slot_steps"]
-        # The same lengths in a batch of 256 rows (the sampler's default batch): drawn with replacement.
-        draws = [rng.choice(lens, 256) for _ in range(1000)]
-        boot = float(np.mean([1 - (d - 1).sum() / (256 * (d.max() - 1)) for d in draws]))
-        # If a prompt's N rows left the batch as soon as the last of them finished (refilling at prompt granularity,
-        # which keeps the prompt's cache shared), the waste left is that within each prompt's group.
-        group = np.array([[len(t) for t in per] for per in out.tokens])
-        in_group = 1 - (group - 1).sum() / (n * (group.max(axis=1) - 1)).sum()
-        line = (f"| {n} | {prompts_n} x {n} = {len(lens)} | {int(np.min(lens))} / {int(np.median(lens))} / "
-                f"{int(np.max(lens))} | {sum(r == 'length' for per in out.finish_reasons for r in per)} | "
-                f"{stats['slot_steps']:,} | {measured:.0%} | {boot:.0%} | {in_group:.0%} |")
-        print(line, flush=True)
-        lines_out.append(line)
+    sizes = (count, 64, 256, 1000)
+    calls = [lengths] + [[lengths[i] for i in rng.integers(0, len(lengths), k)] for k in sizes[1:]]
+    sims = []
+    for s in sorted({n, n // 2, n // 4, 1} - {0}, reverse=True):
+        if 64 % s:
+            continue
+        row = [f"{s}", f"{64 // s}", f"{step_ms[s]:.0f}"]
+        for ls in calls:
+            st, live = schedule(ls, 64, s, at_least)
+            row.append(f"{1 - live / (st * 64):.0%} ({st * step_ms[s] / (sum(map(sum, ls)) - len(ls) * n):.2f})")
+        sims.append(f"| {' | '.join(row)} |")
+    print("\n".join(sims), flush=True)
     if args.no_record:
         return
     cmd = command_line()
     lines = [
-        "## Finished-row waste (`--waste`): decode work spent on rows that had already finished",
+        "## Finished-row waste (`--waste`): before and after continuous batching",
         "",
         f"- date: {utc_now()}; machine: {device_name()}; jax {jax.__version__}",
         f"- command: `{cmd}`",
-        f"- SmolLM2-135M-Instruct sampling the first GSM8K test questions (configs/smollm2.py's zero-shot chat "
-        f"prompts), temperature {temperature}, top_p 1, up to {new} new tokens, stopping at EOS; one batch per N",
-        "- waste = 1 - (decode slot-steps of rows still generating) / (rows x decode steps): the loop runs until "
-        "the batch's longest row ends. The last column puts the same completion lengths in a batch of 256 rows "
-        "(drawn with replacement, mean of 1000 draws), the sampler's default batch. Waste left within prompt "
-        "groups: the waste if each prompt's N rows left the batch (and were refilled) as soon as the last of them "
-        "finished, i.e. refilling at prompt granularity, which keeps each prompt's cache shared by its samples.",
+        f"- SmolLM2-135M-Instruct sampling the first {count} GSM8K test questions (configs/smollm2.py's zero-shot "
+        f"chat prompts), N = {n}, temperature {temperature}, top_p 1, up to {new} new tokens, stopping at EOS, "
+        f"seed 0, 64 decode rows, float32; completion tokens min / median / max {flat.min()} / "
+        f"{int(np.median(flat))} / {flat.max()}, {sum(r == 'length' for per in out.finish_reasons for r in per)} "
+        f"cut at the limit",
+        "- waste = 1 - (row-steps of rows still generating) / (rows x decode steps). Before: the sampler before "
+        "continuous batching (git revision given; each batch runs until its longest sample ends), run in a "
+        "subprocess on the same call. After: rpo.sampling's continuous batching "
+        f"(`rows_per_prompt={per_slot}`: {64 // per_slot} prompt slots; a finished row starts its prompt's next "
+        "sample, a slot whose samples are all done takes the next prompt; the loop hands back to the host when "
+        f"{at_least} rows can be refilled). Identical samples: completions equal token for token / and with "
+        "bitwise-equal logprobs. Wall seconds include each side's compilation (~10-20 s; the decode loop compiles "
+        "per max_new_tokens, so a short warm-up call would not cover it).",
         "",
+        "| run | decode steps | row-steps | waste | wall (s) | speed-up | identical samples |",
+        "|---|---|---|---|---|---|---|",
+    ] + lines_out + [
         "",
-        "| N | rows | completion tokens min / median / max | cut at the limit | slot-steps | waste (measured) "
-        "| waste at 256 rows (resampled) | waste left within prompt groups |",
-        "|---|---|---|---|---|---|---|---|",
-    ] + lines_out
+        f"The same schedule replayed on these completion lengths (`schedule()` in the script; it reproduces the "
+        f"after run's {replay[0]:,} decode steps: {'yes' if replay[0] == after['decode_steps'] else 'NO'}) for "
+        f"each rows-per-prompt setting at 64 rows, for this call ({count} prompts) and for longer calls "
+        "(prompts drawn with replacement from these prompts' sample groups; an IRPO iteration's call has "
+        "irpo.chunk_prompts prompts). The lengths are in waste_lengths.json beside this file. A decode step "
+        "at each setting timed alone (64 rows, the call's prompt bucket, all generated slots read; median of 5): "
+        "in brackets, replayed steps x that step time per generated token (ms), the cost the waste and the "
+        "step's price make together:",
+        "",
+        "| rows per prompt slot | prompt slots | decode step (ms) | "
+        + " | ".join(f"waste, {k:,}-prompt call" for k in sizes) + " |",
+        "|---|---|---|" + "---|" * len(sizes),
+    ] + sims
     _record_section("## Finished-row waste (`--waste`)", lines)
     print("\n".join(lines))
 
@@ -648,8 +790,11 @@ def main():
                          "matmul kernels' share of the step and their FLOP rate, and the other kernels by op")
     ap.add_argument("--dtype-study", default="", metavar="GSM8K_DIR",
                     help="bfloat16 against float32 on SmolLM2: greedy agreement over 64 GSM8K prompts, and speed")
-    ap.add_argument("--waste-n", default="8,30", choices=("8,30", "8", "30"),
-                    help="--waste: the N to run (8: 8 prompts x 8 samples; 30: 4 prompts x 30)")
+    ap.add_argument("--waste-n", default=8, type=int, help="--waste: samples per prompt (a divisor of 64)")
+    ap.add_argument("--waste-prompts", default=16, type=int, help="--waste: GSM8K test questions to sample")
+    ap.add_argument("--waste-before", default="5916ff2", help="--waste: the git revision of the sampler before")
+    ap.add_argument("--waste-rows-per-prompt", default=2, type=int,
+                    help="--waste: rows per prompt slot in the continuous-batching run")
     ap.add_argument("--waste", default="", metavar="GSM8K_DIR",
                     help="measure the finished-row waste of SmolLM2 sampling GSM8K (test.jsonl in GSM8K_DIR)")
     args = ap.parse_args()

@@ -1,39 +1,51 @@
-"""Sampling: one prefill per prompt, then a jitted `lax.while_loop` decode over a static KV cache.
+"""Sampling: one prefill per prompt, then a jitted `lax.while_loop` decode over a static KV cache,
+with finished rows refilled (continuous batching).
 
 Shape letters as in rpo.models.decoder (B batch rows, T tokens, S cache slots, V vocab, ...),
-plus P prompt length (bucketed), M max new tokens, R prompt rows (before the N-fold repeat;
-B = R * N), C top-p candidates, Q stop sequences, W longest stop sequence.
+plus P prompt length (bucketed), M max new tokens, R prompt slots (B = R * s, s rows per slot),
+C top-p candidates, Q stop sequences, W longest stop sequence.
 
-How a batch is run:
+How a call is run:
 
-1. Prompts are **left-padded** to a bucketed length P (a power of two, at least 16) and the
-   batch of prompts to a bucketed row count R (a power of two, and a multiple of the mesh's
-   batch axes); padded rows are inactive from the start. RoPE positions are per row
-   (`max(0, slot - pad)`), so padding does not shift them. A long run with varied prompt
-   lengths therefore compiles a handful of times (one per (R, P) bucket), not once per batch.
-2. **Prefill once per prompt**: the R prompts run once through the decoder
+1. Prompts are **left-padded** to one bucketed length P for the call (a power of two, at least 16,
+   covering the longest prompt) and prefilled in chunks of `batch_size` prompts, bucketed to a
+   power of two (and a multiple of the mesh's batch axes). RoPE positions are per row
+   (`max(0, slot - pad)`), so padding does not shift them. A long run with varied prompt lengths
+   therefore compiles a handful of times (one per bucket), not once per call.
+2. **Prefill once per prompt**: a chunk's prompts run once through the decoder
    (`decoder.hidden_states`, keeping each layer's keys and values; only the last position is
-   unembedded), and
-   the first token of each of the N samples (row r * N + j is sample j of prompt r) is drawn
-   from the prompt's prefill logits. The prompt is never run N times, and its keys/values are
-   not copied N times either: the decode cache keeps the prompt part once per prompt
-   ([R, K, P, E] per layer) and only the generated part per sample ([B, K, M, E] per layer);
-   attention takes one softmax over both. Each step thus reads the prompt's cache once for
-   its N samples instead of N times (for 256-token prompts, N = 8 and 128 new tokens, 2.4x
-   less cache traffic per step than repeating the cache rows).
-3. **Decode** in one jitted `lax.while_loop` whose state (cache, token buffer, ...) is donated
-   and updated in place; it stops as soon as every row has finished (EOS, an in-loop stop
-   sequence, or M tokens). The step is the model's `decoder.decode_step` over that cache
-   (`decoder.step_cache`): heads before slots (attention is batched matmuls), one buffer per
-   layer (each written in place). Per-layer param slices and the unembedding are hoisted out
-   of the loop (`decoder.step_params`).
+   unembedded). The prompt is never run N times, and its keys/values are not copied N times
+   either: the decode cache keeps the prompt part once per **prompt slot** ([R, K, E, P] per
+   layer) and only the generated part per row ([B, K, E, M] per layer); row b belongs to slot
+   b // s, and attention takes one softmax over both parts. Each step thus reads a prompt's cache
+   once for its s rows instead of s times.
+3. **Decode** in one jitted `lax.while_loop` whose state (cache, token buffers, ...) is donated
+   and updated in place. The step is the model's `decoder.decode_step` over that cache; every row
+   is at its own step (its own write slot, position and random step), so rows can start at
+   different times. Per-layer param slices and the unembedding are hoisted out of the loop
+   (`decoder.step_params`).
+4. **Refill** (continuous batching over the static cache, as MaxText's and JetStream's servers
+   do): a slot holds one prompt; its s rows take that prompt's samples j = 0..N-1 in order, a row
+   starting the next one as soon as its last finished (EOS, a stop sequence, or M tokens); when
+   all N are done the slot takes the next waiting prompt (its cache copied in from the prefilled
+   chunk). The loop hands back to the host only when enough rows can be refilled (a sixteenth of
+   the rows); the host collects the finished samples and starts the new ones (their first token is
+   drawn from the prompt's prefill logits). Once no prompt waits, an empty slot takes a copy of the
+   prompt with the most samples still to start, so the call's last samples spread over the free
+   rows. With s = N a slot's samples run side by side and whole prompts are refilled; with s < N a
+   prompt's samples queue for its s rows, which leaves fewer rows idle but makes a step dearer (a
+   prompt's cache is read once per s rows). The default, s = N / 2 for even N >= 4, is what measured
+   cheapest per generated token (experiments/results/bench_sampling.md, --waste).
 
 Randomness: the key of sample j of prompt i (its index in `prompts`) is
 `fold_in(fold_in(key(seed), i), j)`; step t draws one uniform from `fold_in(that key, t)` and
 picks the token by inverse CDF (two levels: blocks of 128 tokens, then within the block, so no
 full-vocabulary cumsum or per-token random numbers are needed). Samples therefore depend only
-on (seed, i, j, model), not on batching, bucketing or the mesh: a seed gives the same samples
-every time on the same machine.
+on (seed, i, j, model), not on which row or slot runs them, nor on when: a seed gives the same
+samples every time on the same machine. For a fixed number of decode rows they are bitwise
+the same whatever rows_per_prompt is (XLA:CPU computes a matmul row without regard to its
+neighbours; tests/test_sampling.py checks it; the top-p fallback below is chosen per row); across
+different row or prompt buckets the logprobs may differ in the last bits.
 
 Log-probs (`GenerateOutput.logprobs`) are those of the sampled token **under the distribution
 it was actually drawn from**: log_softmax of logits / temperature after the top-k and top-p
@@ -45,7 +57,7 @@ last kept one are kept too. It avoids a full-vocabulary sort: `lax.top_k` gives 
 `top_p_candidates` candidates and a full logsumexp gives their exact mass; when every row's
 nucleus fits in them the token is drawn among the C candidates. Otherwise the step falls back
 (`lax.cond`) to an exact threshold found by bisection over the float32 values (32 masked sums
-over the vocabulary, still no sort).
+over the vocabulary, still no sort) for the rows whose nucleus the candidates miss.
 
 Stop strings: with a `tokenizer`, each stop string is also encoded to token ids and checked
 inside the loop on the trailing generated tokens, so rows stop early in the common case. The
@@ -97,6 +109,14 @@ class GenerateOutput:
     finish_reasons: list[list[str]]
 
 
+def default_rows_per_prompt(n: int) -> int:
+    """generate's rows per prompt slot: n / 2 for an even n >= 4, else n. Measured on SmolLM2-135M at N = 8
+    (experiments/results/bench_sampling.md, --waste): halving the rows per prompt cut the decode cost per
+    generated token by 15-25% (fewer rows idle, a step no dearer), quartering it gained no more (the step
+    got dearer)."""
+    return n // 2 if n >= 4 and n % 2 == 0 else n
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """The bucket of a size: the next power of two, at least `minimum`."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
@@ -118,6 +138,7 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     seed: int = 0,
     batch_size: int | None = None,
+    rows_per_prompt: int | None = None,
     mesh: Mesh | None = None,
     rules=sharding_lib.DEFAULT_RULES,
     top_p_candidates: int = 256,
@@ -132,18 +153,23 @@ def generate(
       to never stop on EOS).
     stop: stop strings; need `tokenizer` (an HF tokenizer: encodes them for the in-loop check
       and decodes completions) or `decode` (ids -> str; host-side check only).
-    batch_size: prompts per batch (default: as many as give about 256 rows, i.e. 256 // n,
-      at least 1); each batch's prompt count is bucketed to a power of two.
+    batch_size: prompts per prefill chunk (default: as many as give about 256 rows, i.e. 256 // n, at least 1),
+      bucketed to a power of two R; the decode loop runs R * n rows.
+    rows_per_prompt: decode rows per prompt slot, s (default: default_rows_per_prompt(n); must divide R * n):
+      the rows hold R * n / s prompts at a time, and each prompt's n samples pass through its s rows, a row starting the next sample
+      as soon as its last one finished (continuous batching; see the module docstring). Samples do not
+      depend on it, only the decode work does.
     mesh: run under this mesh; rows are sharded over the batch axes of `rules`, params by the
       same rules as training (rpo.sharding.param_shardings; a no-op for params already
       placed that way). The row bucket is then also a multiple of the batch axes' size. The mesh
       may span processes (rpo.distributed; then it is required): every process calls generate
       with the same arguments, packs only the prompt rows its devices hold, and gets every
       completion back.
-    progress: print a line per batch to stderr (default: when there is more than one batch).
-    stats: a dict that receives, summed over batches, prefill_s and decode_s (wall seconds; each phase is then
-      waited for, for the timing), decode_steps (loop iterations), slot_steps (rows x loop iterations, the
-      decode work done) and live_slot_steps (the part of it spent on rows still generating), prompt_tokens.
+    progress: print progress to stderr every 30 s (default: when there is more than one prefill chunk).
+    stats: a dict that receives (summed over calls) prefill_s (prefill and refills) and decode_s (wall seconds;
+      each phase is then waited for, for the timing), decode_steps (loop iterations), slot_steps (rows x loop
+      iterations, the decode work done), live_slot_steps (the part of it spent on rows still generating),
+      decode_segments (times the loop handed back to the host to refill rows), prompt_tokens.
     """
     if n < 1:
         raise ValueError(f"n={n}: need at least one sample per prompt")
@@ -175,16 +201,6 @@ def generate(
     use_top_p = (not greedy) and top_p < 1.0
     candidates = min(top_k or int(top_p_candidates), config.vocab_size)
     stop_seqs = _encode_stops(stop, tokenizer) if stop and tokenizer is not None else np.zeros((0, 0), np.int32)
-    spec = _Spec(
-        greedy=greedy,
-        top_k=top_k,
-        use_top_p=use_top_p,
-        candidates=candidates,
-        n=int(n),
-        max_new=int(max_new_tokens),
-        num_eos=len(eos),
-        stop_shape=stop_seqs.shape,
-    )
 
     # Place params once: cast to the compute dtype (hoisted out of the loop) and shard.
     dtype = jnp.dtype(config.dtype)
@@ -198,9 +214,18 @@ def generate(
 
     if batch_size is None:
         batch_size = max(1, 256 // n)
-    batches = [range(s, min(s + batch_size, len(prompts))) for s in range(0, len(prompts), batch_size)]
-    if progress is None:
-        progress = len(batches) > 1
+    chunk_rows = bucket(min(batch_size, len(prompts)), row_multiple)
+    chunk_rows = -(-chunk_rows // row_multiple) * row_multiple
+    rows = chunk_rows * n
+    per_slot = default_rows_per_prompt(n) if rows_per_prompt is None else int(rows_per_prompt)
+    if not 1 <= per_slot <= n or rows % per_slot:
+        raise ValueError(f"rows_per_prompt={rows_per_prompt}: must be in [1, n={n}] and divide the {rows} decode rows")
+    if (rows // per_slot) % row_multiple:
+        raise ValueError(f"rows_per_prompt={rows_per_prompt}: {rows // per_slot} prompt slots are not a multiple of "
+                         f"the mesh's {row_multiple} batch shards")
+    spec = _Spec(greedy=greedy, top_k=top_k, use_top_p=use_top_p, candidates=candidates, per_slot=per_slot,
+                 max_new=int(max_new_tokens), num_eos=len(eos), stop_shape=stop_seqs.shape)
+    plen = bucket(max(len(p) for p in prompts), min_prompt_bucket)
     consts = dict(
         eos=jnp.asarray(np.asarray(eos, np.int32).reshape(-1)),
         stop_seqs=jnp.asarray(stop_seqs),
@@ -208,78 +233,192 @@ def generate(
         top_p=jnp.float32(top_p),
         seed=jnp.uint32(int(seed) % (1 << 32)),
     )
+    run = _Run(config, spec, mesh, rules, params, consts, prompts, n, chunk_rows, rows, plen, stats)
+    if progress is None:
+        progress = len(prompts) > chunk_rows
+    results = run.loop(progress and distributed.is_main())
 
-    out_tokens: list[list[list[int]]] = []
-    out_logprobs: list[list[list[float]]] = []
-    out_reasons: list[list[str]] = []
-    t0 = time.time()
-    done_rows = 0
-    for bi, idx in enumerate(batches):
-        rows = bucket(len(idx), row_multiple)
-        rows = -(-rows // row_multiple) * row_multiple
-        plen = bucket(max(len(prompts[i]) for i in idx), min_prompt_bucket)
+    out = GenerateOutput([], [], [])
+    for per_prompt in results:
+        ts, ls, rs = [], [], []
+        for t, lp, reason in per_prompt:
+            if stop:
+                t, lp, reason = _cut_at_stop(t, lp, reason, stop, decode)
+            ts.append(t)
+            ls.append(lp)
+            rs.append(reason)
+        out.tokens.append(ts)
+        out.logprobs.append(ls)
+        out.finish_reasons.append(rs)
+    return out
+
+
+class _Run:
+    """The host side of one generate call: feeds prompts into the decode rows as rows free up.
+
+    The decode batch has `rows` rows in `slots` prompt slots of spec.per_slot rows each (row b is in slot
+    b // per_slot). A slot holds one prompt's cache at a time; its rows take that prompt's samples j = 0..n-1 in
+    order, each row starting its next sample as soon as its previous one finished; when all n samples of the
+    slot's prompt are finished, the slot takes the next waiting prompt. Prompts are prefilled `chunk_rows` at a
+    time (the chunk's caches wait on the device until slots take them). The decode loop leaves the device only
+    when enough rows can be refilled (`_refill_min`), or when every row is done."""
+
+    def __init__(self, config, spec, mesh, rules, params, consts, prompts, n, chunk_rows, rows, plen, stats):
+        self.static = (config, spec, mesh, rules)
+        self.params, self.consts, self.prompts, self.n = params, consts, prompts, n
+        self.chunk_rows, self.rows, self.plen, self.stats = chunk_rows, rows, plen, stats
+        self.per_slot = spec.per_slot
+        self.slots = rows // spec.per_slot
+        self.slot_prompt = [-1] * self.slots  # the prompt a slot holds (-1: none); a prompt may be in several
+        self.next_sample: dict[int, int] = {}  # prompt -> its next sample to start
+        self.row_job: list[tuple[int, int] | None] = [None] * rows  # (prompt, sample) a row is generating
+        self.next_prompt = 0  # prompts before this one have been prefilled
+        self.chunk: tuple[dict, list[int]] | None = None  # a prefilled chunk: (device arrays, its prompts)
+        self.chunk_pos = 0  # the next of the chunk's prompts to place in a slot
+        self.results: list[list[Any]] = [[None] * n for _ in prompts]
+
+    def loop(self, progress: bool):
+        config, spec, mesh, rules = self.static
+        t0, finished, reported = time.time(), 0, 0
+        timing = self.stats is not None
+        prefill_s = decode_s = 0.0
+        live_slot_steps = steps = segments = 0
+        state = _init_state(config, spec, mesh, rules, self.rows, self.plen, self.consts)
+        while True:
+            t = time.perf_counter()
+            state = self._refill(state)
+            if timing:
+                jax.block_until_ready(state)
+                prefill_s += time.perf_counter() - t
+            if all(job is None for job in self.row_job):
+                break
+            t = time.perf_counter()
+            left = np.array([self._left(r) for r in range(self.slots)], np.int32)
+            sched = dict(left=jnp.asarray(left), waiting=jnp.bool_(self._waiting() or left.any()),
+                         at_least=jnp.int32(_refill_min(self.rows)))
+            i0 = int(distributed.fetch(state["i"]))
+            state = _decode(config, spec, mesh, rules, self.params, state, self.consts, sched)
+            toks, lps, lens, reasons, done, i1 = distributed.fetch(
+                (state["tokens"], state["logprobs"], state["length"], state["reason"], state["done"], state["i"]))
+            decode_s += time.perf_counter() - t
+            steps += int(i1) - i0
+            segments += 1
+            for b, job in enumerate(self.row_job):
+                if job is not None and done[b]:
+                    k = int(lens[b])
+                    self.results[job[0]][job[1]] = (toks[b, :k].tolist(), lps[b, :k].tolist(), _REASONS[int(reasons[b])])
+                    live_slot_steps += max(k - 1, 0)
+                    self.row_job[b] = None
+                    finished += 1
+            if progress and (finished == len(self.prompts) * self.n or time.time() - t0 > reported + 30):
+                reported = time.time() - t0
+                print(f"[rpo.sampling] {finished}/{len(self.prompts) * self.n} samples ({len(self.prompts)} prompts x "
+                      f"{self.n}), {self.rows} rows in {self.slots} prompt slots, prompt_len={self.plen}, "
+                      f"{reported:.1f}s", file=sys.stderr, flush=True)
+        if self.stats is not None:
+            add = dict(prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps, slot_steps=steps * self.rows,
+                       live_slot_steps=live_slot_steps, decode_segments=segments,
+                       prompt_tokens=sum(len(p) for p in self.prompts))
+            for k, v in add.items():
+                self.stats[k] = self.stats.get(k, 0) + v
+        return self.results
+
+    def _refill(self, state):
+        """Gives every free row its next sample, every finished slot the next waiting prompt and, once no
+        prompt waits, every empty slot a copy of the prompt with the most samples still to start (so that the
+        call's last samples spread over the free rows); returns the state with those rows started (their first
+        token drawn from the prompt's prefill logits)."""
+        config, spec, mesh, rules = self.static
+        start = np.zeros(self.rows, bool)
+        ids = np.zeros(self.rows, np.int32)
+        sample = np.zeros(self.rows, np.int32)
+
+        def assign(r):
+            for b in range(r * self.per_slot, (r + 1) * self.per_slot):
+                if self.row_job[b] is None and self._left(r):
+                    i = self.slot_prompt[r]
+                    self.row_job[b] = (i, self.next_sample[i])
+                    start[b], ids[b], sample[b] = True, i, self.next_sample[i]
+                    self.next_sample[i] += 1
+
+        dst = None  # slots the current chunk's prompts go to (index: the prompt's row in the chunk)
+        for r in range(self.slots):
+            mine = range(r * self.per_slot, (r + 1) * self.per_slot)
+            if not self._left(r) and all(self.row_job[b] is None for b in mine):
+                self.slot_prompt[r] = -1
+                if not self._chunk_left():
+                    if dst is not None:
+                        state, dst = _load(config, spec, mesh, rules, state, self.chunk[0], jnp.asarray(dst)), None
+                    self._prefill_next_chunk()
+                if self._chunk_left():
+                    if dst is None:
+                        dst = np.full(self.chunk_rows, self.slots, np.int32)  # out of range: not copied
+                    dst[self.chunk_pos] = r
+                    self.slot_prompt[r] = self.chunk[1][self.chunk_pos]
+                    self.next_sample[self.slot_prompt[r]] = 0
+                    self.chunk_pos += 1
+            assign(r)
+        if dst is not None:
+            state = _load(config, spec, mesh, rules, state, self.chunk[0], jnp.asarray(dst))
+        src = np.full(self.slots, self.slots, np.int32)  # slot r copies slot src[r] (out of range: no copy)
+        for r in range(self.slots):
+            if self.slot_prompt[r] < 0:
+                q = max(range(self.slots), key=self._left)
+                if self._left(q):
+                    src[r], self.slot_prompt[r] = q, self.slot_prompt[q]
+                    assign(r)
+        if (src < self.slots).any():
+            state = _copy_slots(config, spec, mesh, rules, state, jnp.asarray(src))
+        if start.any():
+            state = _start(config, spec, mesh, rules, state, jnp.asarray(start), jnp.asarray(ids), jnp.asarray(sample),
+                           self.consts)
+        return state
+
+    def _left(self, r: int) -> int:
+        """Samples of slot r's prompt not started yet."""
+        i = self.slot_prompt[r]
+        return 0 if i < 0 else self.n - self.next_sample[i]
+
+    def _chunk_left(self) -> bool:
+        return self.chunk is not None and self.chunk_pos < len(self.chunk[1])
+
+    def _waiting(self) -> bool:
+        """Whether a prompt is still waiting for its first slot."""
+        return self._chunk_left() or self.next_prompt < len(self.prompts)
+
+    def _prefill_next_chunk(self):
+        """Prefills the next chunk_rows waiting prompts (self.chunk: None when none is left)."""
+        config, spec, mesh, rules = self.static
+        self.chunk, self.chunk_pos = None, 0
+        if self.next_prompt < len(self.prompts):
+            idx = list(range(self.next_prompt, min(self.next_prompt + self.chunk_rows, len(self.prompts))))
+            self.next_prompt = idx[-1] + 1
+            self.chunk = (_prefill(config, spec, mesh, rules, self.params, self._pack(idx)), idx)
+
+    def _pack(self, idx: list[int]):
+        config, _, mesh, rules = self.static
+        pad = config.pad_token_id
         if mesh is None:
-            batch = _pack(prompts, list(idx), rows, plen, config.pad_token_id)
-        else:  # each process packs the rows its devices hold (real rows first, as in the whole batch)
-            mine = distributed.process_rows(sharding_lib.batch_sharding(mesh, 1, rules), (rows,))
-            local = _pack(prompts, [idx[r] for r in mine if r < len(idx)], len(mine), plen, config.pad_token_id)
-            batch = jax.make_array_from_process_local_data(
-                {k: sharding_lib.batch_sharding(mesh, v.ndim, rules) for k, v in local.items()}, local,
-                {k: (rows,) + v.shape[1:] for k, v in local.items()},
-            )
-        t_phase = time.perf_counter()
-        state = _prefill(config, spec, mesh, rules, params, batch, consts)
-        if stats is not None:
-            jax.block_until_ready(state)
-            t_decode = time.perf_counter()
-        state = _decode(config, spec, mesh, rules, params, state, consts)
-        toks_BM, lps_BM, lens_B, reason_B, steps = distributed.fetch(
-            (state["tokens"], state["logprobs"], state["length"], state["reason"], state["i"])
+            return _pack(self.prompts, idx, self.chunk_rows, self.plen, pad)
+        # each process packs the rows its devices hold (real rows first, as in the whole batch)
+        mine = distributed.process_rows(sharding_lib.batch_sharding(mesh, 1, rules), (self.chunk_rows,))
+        local = _pack(self.prompts, [idx[r] for r in mine if r < len(idx)], len(mine), self.plen, pad)
+        return jax.make_array_from_process_local_data(
+            {k: sharding_lib.batch_sharding(mesh, v.ndim, rules) for k, v in local.items()}, local,
+            {k: (self.chunk_rows,) + v.shape[1:] for k, v in local.items()},
         )
-        if stats is not None:
-            _add_stats(stats, t_phase, t_decode, int(steps) - 1, rows * n, lens_B,
-                       sum(len(prompts[i]) for i in idx))
-        for r, i in enumerate(idx):
-            ts, ls, rs = [], [], []
-            for j in range(n):
-                b = r * n + j
-                k = int(lens_B[b])
-                t, lp = toks_BM[b, :k].tolist(), lps_BM[b, :k].tolist()
-                reason = _REASONS[int(reason_B[b])]
-                if stop:
-                    t, lp, reason = _cut_at_stop(t, lp, reason, stop, decode)
-                ts.append(t)
-                ls.append(lp)
-                rs.append(reason)
-            out_tokens.append(ts)
-            out_logprobs.append(ls)
-            out_reasons.append(rs)
-        done_rows += len(idx)
-        if progress and distributed.is_main():
-            dt = time.time() - t0
-            print(
-                f"[rpo.sampling] batch {bi + 1}/{len(batches)}: {done_rows}/{len(prompts)} prompts "
-                f"x {n} samples, bucket rows={rows} prompt_len={plen}, {dt:.1f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-    return GenerateOutput(out_tokens, out_logprobs, out_reasons)
+
+
+def _refill_min(rows: int) -> int:
+    """Rows that must be refillable before the decode loop hands back to the host: a sixteenth of the rows (at
+    least 1), so a refill round trip comes once per ~rows/16 finished samples while at most that many rows wait."""
+    return max(1, rows // 16)
 
 
 # ---------------------------------------------------------------------------------------
 # Host-side helpers
 # ---------------------------------------------------------------------------------------
 
-
-def _add_stats(stats: dict, t_prefill: float, t_decode: float, steps: int, rows: int, lens_B, prompt_tokens: int):
-    """Sums one batch's timings and decode work into `stats` (see generate). The first token of every row comes
-    from the prefill; loop iteration s (1-based) works on every row and is live for rows with length > s."""
-    now = time.perf_counter()
-    add = dict(prefill_s=t_decode - t_prefill, decode_s=now - t_decode, decode_steps=steps,
-               slot_steps=steps * rows, live_slot_steps=int(np.maximum(np.asarray(lens_B) - 1, 0).sum()),
-               prompt_tokens=prompt_tokens)
-    for k, v in add.items():
-        stats[k] = stats.get(k, 0) + v
 
 _REASONS = ("length", "eos", "stop")
 
@@ -292,31 +431,26 @@ class _Spec:
     top_k: int
     use_top_p: bool
     candidates: int
-    n: int
+    per_slot: int  # rows per prompt slot
     max_new: int
     num_eos: int
     stop_shape: tuple[int, int]
 
 
 def _pack(prompts, idx, rows: int, plen: int, pad_id) -> dict[str, np.ndarray]:
-    """Prompts idx (then inactive padding rows) as a batch of `rows`: left-padded [R, P] tokens,
-    positions, mask; prompt ids [R]; active [R]."""
+    """Prompts idx (then padding rows) as a batch of `rows`: left-padded [R, P] tokens, positions, mask."""
     pad = 0 if pad_id is None else int(pad_id)
     tokens = np.full((rows, plen), pad, np.int32)
     positions = np.zeros((rows, plen), np.int32)
     mask = np.zeros((rows, plen), bool)
-    ids = np.zeros((rows,), np.int32)
-    active = np.zeros((rows,), bool)
     for r, i in enumerate(idx):
         p = prompts[i]
         tokens[r, plen - len(p) :] = p
         positions[r, plen - len(p) :] = np.arange(len(p))
         mask[r, plen - len(p) :] = True
-        ids[r] = i
-        active[r] = True
-    # Inactive (bucket padding) rows get one real token so that their softmax rows are finite.
-    mask[~active, -1] = True
-    return dict(tokens=tokens, positions=positions, mask=mask, ids=ids, active=active)
+    # Bucket padding rows (never placed in a slot) get one real token so that their softmax rows are finite.
+    mask[len(idx) :, -1] = True
+    return dict(tokens=tokens, positions=positions, mask=mask)
 
 
 def _encode_stops(stop: list[str], tokenizer) -> np.ndarray:
@@ -476,11 +610,12 @@ def choose(spec: _Spec, logits_BV, u_B, temperature, top_p, live_B=None):
         if spec.top_k:
             return among_candidates(None)
 
-        def full_vocab(_):
+        def full_vocab(_):  # rows whose nucleus the candidates cover keep their candidate draw (row independence)
             t_key = _nucleus_threshold_bisect(scaled_BV, lse_B, top_p)
             masked = jnp.where(_float_key(scaled_BV) >= t_key[:, None], scaled_BV, NEG_INF)
             tok, lse = _draw(masked, u_B)
-            return tok, _gather(masked, tok) - lse
+            c_tok, c_lp = among_candidates(None)
+            return jnp.where(cov_B, c_tok, tok), jnp.where(cov_B, c_lp, _gather(masked, tok) - lse)
 
         return jax.lax.cond(covered, among_candidates, full_vocab, None)
     tok, lse = _draw(scaled_BV, u_B)
@@ -492,7 +627,7 @@ def choose(spec: _Spec, logits_BV, u_B, temperature, top_p, live_B=None):
 # ---------------------------------------------------------------------------------------
 
 # Times each jitted function has been traced (i.e. compiled for a new bucket); for tests.
-trace_counts: dict[str, int] = {"prefill": 0, "decode": 0}
+trace_counts: dict[str, int] = {"init": 0, "prefill": 0, "load": 0, "copy": 0, "start": 0, "decode": 0}
 
 
 def _constrain(x, mesh, rules, names):
@@ -502,93 +637,169 @@ def _constrain(x, mesh, rules, names):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def _uniforms(row_keys_B, step):
-    """One uniform per row for this step: fold_in(row key, step)."""
-    return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(row_keys_B)
+def _uniforms(key_data_B, step_B):
+    """One uniform per row for its step: fold_in(row key, step). Row keys are kept as raw key data
+    (jax.random.key_data) so that refilled rows can swap theirs with jnp.where."""
+    keys = jax.random.wrap_key_data(key_data_B)
+    return jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), (), jnp.float32))(keys, step_B)
 
 
-def _record(spec: _Spec, state, tok_B, lp_B, consts):
-    """Writes step i's tokens into the state and updates the finished flags."""
-    i = state["i"]
-    live = ~state["done"]
-    tok_B = jnp.where(live, tok_B, -1)
-    lp_B = jnp.where(live, lp_B, 0.0)
-    state["tokens"] = jax.lax.dynamic_update_slice(state["tokens"], tok_B[:, None], (0, i))
-    state["logprobs"] = jax.lax.dynamic_update_slice(state["logprobs"], lp_B[:, None], (0, i))
-    state["length"] = state["length"] + live.astype(jnp.int32)
-    is_eos = jnp.zeros_like(live)
+def _record(spec: _Spec, state, tok_B, lp_B, live_B, consts):
+    """Writes the live rows' next tokens (at each row's own length) and updates the finished flags."""
+    length_B = state["length"]
+    m = spec.max_new
+    rows_B = jnp.arange(length_B.shape[0])
+    at_B = jnp.where(live_B, length_B, m)  # out of range for rows not recording: dropped
+    state["tokens"] = state["tokens"].at[rows_B, at_B].set(tok_B, mode="drop")
+    state["logprobs"] = state["logprobs"].at[rows_B, at_B].set(lp_B, mode="drop")
+    length_B = length_B + live_B.astype(jnp.int32)
+    state["length"] = length_B
+    is_eos = jnp.zeros_like(live_B)
     if spec.num_eos:
         is_eos = jnp.any(tok_B[:, None] == consts["eos"][None, :], axis=-1)
-    is_stop = jnp.zeros_like(live)
+    is_stop = jnp.zeros_like(live_B)
     if spec.stop_shape[0]:
         window = jnp.concatenate([state["window"][:, 1:], tok_B[:, None]], axis=1)
         seqs = consts["stop_seqs"]  # [Q, W], right-aligned, -1 padded
         match = (window[:, None, :] == seqs[None]) | (seqs[None] < 0)
         is_stop = jnp.any(jnp.all(match, axis=-1), axis=-1)
-        state["window"] = window
+        state["window"] = jnp.where(live_B[:, None], window, state["window"])
     reason = jnp.where(is_eos, 1, jnp.where(is_stop, 2, 0))
-    state["reason"] = jnp.where(live, reason, state["reason"]).astype(jnp.int32)
-    state["done"] = state["done"] | (live & (is_eos | is_stop))
-    state["last"] = jnp.where(live, tok_B, state["last"])
-    state["i"] = i + 1
+    state["reason"] = jnp.where(live_B, reason, state["reason"]).astype(jnp.int32)
+    state["done"] = state["done"] | (live_B & (is_eos | is_stop | (length_B >= m)))
+    state["last"] = jnp.where(live_B, tok_B, state["last"])
+    return state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _init_state(config: ModelConfig, spec: _Spec, mesh, rules, rows: int, plen: int, consts):
+    """The decode state with every row free: `rows` rows in rows / per_slot empty prompt slots of plen
+    prompt tokens, M = spec.max_new generated slots per row."""
+    trace_counts["init"] += 1
+    slots, m = rows // spec.per_slot, spec.max_new
+    dtype = jnp.dtype(config.dtype)
+    c = lambda x, names: _constrain(x, mesh, rules, names)  # noqa: E731
+    empty_kv = jnp.zeros((config.num_layers, slots, plen, config.num_kv_heads, config.head_dim), dtype)
+    cache = decoder.step_cache(config, {"k": empty_kv, "v": empty_kv}, c(jnp.zeros((slots, plen), bool), ("batch", None)),
+                               spec.per_slot, m, c)
+    key_data = jax.random.key_data(jax.random.key(consts["seed"]))
+    state = {
+        "cache": cache,
+        "prompt_logits": c(jnp.zeros((slots, config.vocab_size), jnp.float32), ("batch", None)),
+        "prompt_end": c(jnp.zeros((slots,), jnp.int32), ("batch",)),  # position after the slot's prompt
+        "tokens": c(jnp.full((rows, m), -1, jnp.int32), ("batch", None)),
+        "logprobs": c(jnp.zeros((rows, m), jnp.float32), ("batch", None)),
+        "length": c(jnp.zeros((rows,), jnp.int32), ("batch",)),
+        "reason": c(jnp.zeros((rows,), jnp.int32), ("batch",)),
+        "done": c(jnp.ones((rows,), bool), ("batch",)),
+        "last": c(jnp.zeros((rows,), jnp.int32), ("batch",)),
+        "keys": c(jnp.zeros((rows,) + key_data.shape, key_data.dtype), ("batch", None)),
+        "i": jnp.zeros((), jnp.int32),
+    }
+    if spec.stop_shape[0]:
+        state["window"] = c(jnp.full((rows, spec.stop_shape[1]), -1, jnp.int32), ("batch", None))
     return state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _prefill(config: ModelConfig, spec: _Spec, mesh, rules, params, batch, consts):
-    """Runs the R prompts once, lays the cache out for decoding (the prompt part kept once
-    per prompt, an empty M-slot generated part per sample) and samples the first token."""
+def _prefill(config: ModelConfig, spec: _Spec, mesh, rules, params, batch):
+    """Runs a chunk of prompts once: each layer's keys and values laid out as the decode cache's prompt
+    part, the prompt mask, the position after the prompt and the last position's logits."""
     trace_counts["prefill"] += 1
     tokens_RP, positions_RP, mask_RP = batch["tokens"], batch["positions"], batch["mask"]
-    r = tokens_RP.shape[0]
-    n, m = spec.n, spec.max_new
-    b = r * n
     h_RPD, kv = decoder.hidden_states(config, params, tokens_RP, positions_BT=positions_RP, mask_BT=mask_RP,
                                       return_kv=True)
     # Only the last position's logits are needed: skip the [R, P, V] unembedding.
     logits_RV = decoder.logits_from_hidden(config, params, h_RPD[:, -1:, :])[:, 0]
-    rep = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x  # noqa: E731
-    cache = decoder.step_cache(config, kv, mask_RP, n, m, lambda x, names: _constrain(x, mesh, rules, names))
+    chunk = decoder.prompt_cache(config, kv, lambda x, names: _constrain(x, mesh, rules, names))
+    return dict(chunk, prompt_mask=mask_RP, prompt_logits=logits_RV.astype(jnp.float32),
+                prompt_end=positions_RP[:, -1] + 1)
+
+
+def _put_slots(state, prompts, dst_C):
+    """Prompt c of `prompts` (a prefilled chunk's arrays, or slots' own) into prompt slot dst_C[c] (out of
+    range: not copied)."""
+    put = lambda slots, x: slots.at[dst_C].set(x.astype(slots.dtype), mode="drop")  # noqa: E731
+    cache = state["cache"]
+    cache = dict(cache, prompt_k=[put(a, x) for a, x in zip(cache["prompt_k"], prompts["prompt_k"])],
+                 prompt_v=[put(a, x) for a, x in zip(cache["prompt_v"], prompts["prompt_v"])],
+                 prompt_mask=put(cache["prompt_mask"], prompts["prompt_mask"]))
+    return dict(state, cache=cache, prompt_logits=put(state["prompt_logits"], prompts["prompt_logits"]),
+                prompt_end=put(state["prompt_end"], prompts["prompt_end"]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _load(config: ModelConfig, spec: _Spec, mesh, rules, state, chunk, dst_C):
+    """Copies prompt c of a prefilled chunk into prompt slot dst_C[c] (out of range: not copied)."""
+    trace_counts["load"] += 1
+    return _put_slots(state, chunk, dst_C)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _copy_slots(config: ModelConfig, spec: _Spec, mesh, rules, state, src_R):
+    """Slot r takes a copy of slot src_R[r]'s prompt (out of range: unchanged)."""
+    trace_counts["copy"] += 1
+    slots = src_R.shape[0]
+    take = jnp.minimum(src_R, slots - 1)
+    dst_R = jnp.where(src_R < slots, jnp.arange(slots), slots)
+    cache = state["cache"]
+    copies = {k: [a[take] for a in cache[k]] for k in ("prompt_k", "prompt_v")}
+    copies.update(prompt_mask=cache["prompt_mask"][take], prompt_logits=state["prompt_logits"][take],
+                  prompt_end=state["prompt_end"][take])
+    return _put_slots(state, copies, dst_R)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _start(config: ModelConfig, spec: _Spec, mesh, rules, state, start_B, ids_B, sample_B, consts):
+    """Starts sample sample_B[b] of prompt ids_B[b] (the prompt in row b's slot) in the rows where start_B:
+    its key, an empty completion, and its first token drawn from the prompt's prefill logits (step 0)."""
+    trace_counts["start"] += 1
     base = jax.random.key(consts["seed"])
-    row_keys_B = jax.vmap(
-        lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(base, i), j))(jnp.arange(n))
-    )(batch["ids"]).reshape(b)
-    state = {
-        "cache": cache,
-        "tokens": jnp.full((b, m), -1, jnp.int32),
-        "logprobs": jnp.zeros((b, m), jnp.float32),
-        "length": jnp.zeros((b,), jnp.int32),
-        "reason": jnp.zeros((b,), jnp.int32),
-        "done": ~rep(batch["active"]),
-        "last": jnp.zeros((b,), jnp.int32),
-        "position": rep(positions_RP[:, -1] + 1),
-        "keys": row_keys_B,
-        "i": jnp.zeros((), jnp.int32),
-    }
+    new_keys = jax.vmap(lambda i, j: jax.random.key_data(jax.random.fold_in(jax.random.fold_in(base, i), j)))(
+        ids_B, sample_B)
+    state = dict(state)
+    col = start_B[:, None]
+    state["keys"] = jnp.where(col, new_keys, state["keys"])
+    state["tokens"] = jnp.where(col, -1, state["tokens"])
+    state["logprobs"] = jnp.where(col, 0.0, state["logprobs"])
+    state["length"] = jnp.where(start_B, 0, state["length"])
+    state["done"] = state["done"] & ~start_B
     if spec.stop_shape[0]:
-        state["window"] = jnp.full((b, spec.stop_shape[1]), -1, jnp.int32)
-    tok, lp = choose(
-        spec, rep(logits_RV), _uniforms(row_keys_B, 0), consts["temperature"], consts["top_p"], ~state["done"]
-    )
-    return _record(spec, state, tok, lp, consts)
+        state["window"] = jnp.where(col, -1, state["window"])
+    logits_BV = jnp.repeat(state["prompt_logits"], spec.per_slot, axis=0)
+    tok, lp = choose(spec, logits_BV, _uniforms(state["keys"], jnp.zeros_like(ids_B)), consts["temperature"],
+                     consts["top_p"], start_B)
+    return _record(spec, state, tok, lp, start_B, consts)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts):
-    """The decode loop: one token per row per iteration until every row is done or M tokens.
-    The state (cache included) is donated and updated in place."""
+def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts, sched):
+    """The decode loop: one token per live row per iteration, until every row is done or at least
+    sched["at_least"] rows could be refilled (a row whose slot still has sched["left"] samples to start, or
+    every row of a slot whose samples are all done while sched["waiting"] prompts wait). The state (cache
+    included) is donated and updated in place."""
     trace_counts["decode"] += 1
     layers, w_DV = decoder.step_params(config, params)
+    m, s = spec.max_new, spec.per_slot
+    left_R = sched["left"]
 
     def cond(state):
-        return (state["i"] < spec.max_new) & ~jnp.all(state["done"])
+        done_RS = state["done"].reshape(-1, s)
+        free_R = jnp.sum(done_RS, axis=-1, dtype=jnp.int32)
+        whole_slot = jnp.where(sched["waiting"] & jnp.all(done_RS, axis=-1), s, 0)
+        refillable = jnp.sum(jnp.where(left_R > 0, jnp.minimum(free_R, left_R), whole_slot))
+        return ~jnp.all(state["done"]) & (refillable < sched["at_least"])
 
     def body(state):
-        i = state["i"]
-        pos_B = state["position"] + i - 1  # position of the token fed in (sampled at step i-1)
-        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, state["cache"])
-        state = dict(state, cache=cache)
-        tok, lp = choose(spec, logits_BV, _uniforms(state["keys"], i), consts["temperature"], consts["top_p"], ~state["done"])
-        return _record(spec, state, tok, lp, consts)
+        live_B, length_B = ~state["done"], state["length"]
+        # Row b feeds its last token (sampled at its step length - 1) at position prompt_end + length - 1 and
+        # writes its key and value at generated slot length - 1.
+        cache = dict(state["cache"], index=jnp.clip(length_B - 1, 0, m - 1))
+        pos_B = jnp.repeat(state["prompt_end"], s) + length_B - 1
+        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, cache)
+        state = dict(state, cache=cache, i=state["i"] + 1)
+        tok, lp = choose(spec, logits_BV, _uniforms(state["keys"], length_B), consts["temperature"], consts["top_p"],
+                         live_B)
+        return _record(spec, state, tok, lp, live_B, consts)
 
     return jax.lax.while_loop(cond, body, state)

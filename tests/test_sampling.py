@@ -247,6 +247,46 @@ def test_same_seed_same_samples_independent_of_batching(small_params):
     assert len({tuple(t) for t in a.tokens[0]}) > 1
 
 
+def test_refilled_rows_give_the_same_samples_with_less_work():
+    """Continuous batching: with fewer decode rows per prompt (rows_per_prompt), finished rows start the next
+    sample or take the next prompt. Same decode rows, so the samples are bitwise the ones the loop without refill
+    gives (the rows of a matmul do not depend on their neighbours), while the loop runs fewer row-steps.
+    head_dim 64 as in real models: with head_dim 8, XLA:CPU's attention products over 2 or 4 query rows per
+    prompt round the last bit differently from 8 (tokens stayed equal, logprobs moved by ~1e-6)."""
+    config = SMALL.replace(head_dim=64, num_heads=2, num_kv_heads=1)
+    small_params = M.init_params(config, jax.random.key(0), std=0.3)
+    small_params["final_norm"] = small_params["final_norm"] * 3.0
+    prompts = _prompts((3, 9, 14, 5, 11, 7, 16, 2, 8, 12), 16, seed=21)
+    kw = dict(n=4, max_new_tokens=12, temperature=1.0, eos_ids=(3,), seed=5, batch_size=2)
+    runs = {}
+    for s in (4, 2, 1):
+        st = {}
+        runs[s] = (sampling.generate(config, small_params, prompts, rows_per_prompt=s, stats=st, **kw), st)
+    lengths = [len(t) for ts in runs[4][0].tokens for t in ts]
+    assert min(lengths) < 6 and max(lengths) == 12  # EOS makes lengths vary, so refilling has work to save
+    for s in (2, 1):
+        out, st = runs[s]
+        assert out.tokens == runs[4][0].tokens and out.logprobs == runs[4][0].logprobs
+        assert out.finish_reasons == runs[4][0].finish_reasons
+        assert st["live_slot_steps"] == runs[4][1]["live_slot_steps"] == sum(max(k - 1, 0) for k in lengths)
+        assert st["decode_segments"] > 1
+    # Within-prompt refill (s = 2 < n) wastes less than whole-prompt refill (s = n). (s = 1 runs each prompt's
+    # samples one after another, so the call's last prompts leave a long tail: more waste here, with 10 prompts.)
+    waste = {s: 1 - st["live_slot_steps"] / st["slot_steps"] for s, (_, st) in runs.items()}
+    assert waste[2] < waste[4], waste
+    # A call of 2 prompts with a row per sample has nothing to refill: the loop as it ran before refilling. Its
+    # samples are the same prompts' samples above (keys follow a prompt's index in the call, so the first two).
+    one = sampling.generate(config, small_params, prompts[:2], rows_per_prompt=4, **kw)
+    assert one.tokens == runs[4][0].tokens[:2] and one.logprobs == runs[4][0].logprobs[:2]
+    # Top-p with 2 candidates: most steps take the exact fallback for some rows, and each row's draw still
+    # does not depend on its neighbours.
+    kw.update(top_p=0.9, top_p_candidates=2)
+    a, b = (sampling.generate(config, small_params, prompts, rows_per_prompt=s, **kw) for s in (4, 1))
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    with pytest.raises(ValueError, match="rows_per_prompt=3"):
+        sampling.generate(config, small_params, prompts, rows_per_prompt=3, **kw)
+
+
 def test_eos_stops_a_row_and_is_included(small_params):
     prompts = _prompts((6, 10), 16, seed=9)
     free = sampling.generate(SMALL, small_params, prompts, max_new_tokens=12, eos_ids=())

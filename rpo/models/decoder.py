@@ -260,24 +260,34 @@ def forward(config: ModelConfig, params: Params, tokens_BT: jax.Array) -> jax.Ar
 # ---------------------------------------------------------------------------------------
 
 
+K_AXES, V_AXES = ("batch", "kv_heads", "head_dim", None), ("batch", "kv_heads", None, "head_dim")  # cache layouts
+
+
+def prompt_cache(config: ModelConfig, kv: Cache, constrain=lambda x, names: x) -> Cache:
+    """The prompt part of the sampling cache from a prefill (hidden_states(..., return_kv=True)): every layer's
+    keys as [R, K, E, P] (head_dim before slots) and values as [R, K, P, E], so that both attention products
+    are plain (untransposed) batched matmuls. constrain(x, logical axis names): a sharding constraint."""
+    layers = range(config.num_layers)
+    return {
+        "prompt_k": [constrain(jnp.transpose(kv["k"][l], (0, 2, 3, 1)), K_AXES) for l in layers],
+        "prompt_v": [constrain(jnp.swapaxes(kv["v"][l], 1, 2), V_AXES) for l in layers],
+    }
+
+
 def step_cache(config: ModelConfig, kv: Cache, prompt_mask_RP: jax.Array, n: int, max_new: int,
                constrain=lambda x, names: x) -> Cache:
-    """The sampling cache for R prompts x n samples from their prefill (hidden_states(..., return_kv=True)):
-    the prompt part once per prompt, an empty max_new-slot generated part per sample (see decode_step).
-    Keys are stored with head_dim before slots ([rows, K, E, slots]) and values after ([rows, K, slots, E]), so
-    that both attention products are plain (untransposed) batched matmuls.
-    constrain(x, logical axis names): a sharding constraint for each buffer (the sampler's mesh)."""
+    """The sampling cache for R prompts x n rows each from their prefill (hidden_states(..., return_kv=True)):
+    the prompt part once per prompt (prompt_cache), an empty max_new-slot generated part per row, and each
+    row's write slot `index` [B] (0: see decode_step)."""
     r = prompt_mask_RP.shape[0]
     b, kh, e, layers = r * n, config.num_kv_heads, config.head_dim, range(config.num_layers)
-    k_names, v_names = ("batch", "kv_heads", "head_dim", None), ("batch", "kv_heads", None, "head_dim")
-    return {
-        "prompt_k": [constrain(jnp.transpose(kv["k"][l], (0, 2, 3, 1)), k_names) for l in layers],  # [R, K, E, P]
-        "prompt_v": [constrain(jnp.swapaxes(kv["v"][l], 1, 2), v_names) for l in layers],  # [R, K, P, E]
-        "prompt_mask": prompt_mask_RP,
-        "k": [constrain(jnp.zeros((b, kh, e, max_new), kv["k"].dtype), k_names) for _ in layers],
-        "v": [constrain(jnp.zeros((b, kh, max_new, e), kv["v"].dtype), v_names) for _ in layers],
-        "index": jnp.zeros((), jnp.int32),
-    }
+    return dict(
+        prompt_cache(config, kv, constrain),
+        prompt_mask=prompt_mask_RP,
+        k=[constrain(jnp.zeros((b, kh, e, max_new), kv["k"].dtype), K_AXES) for _ in layers],
+        v=[constrain(jnp.zeros((b, kh, max_new, e), kv["v"].dtype), V_AXES) for _ in layers],
+        index=jnp.zeros((b,), jnp.int32),
+    )
 
 
 def step_params(config: ModelConfig, params: Params):
@@ -305,8 +315,9 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         prompt's keys and values, stored once per prompt and shared by its N samples (never
         written here); cache["prompt_mask"] [R, P] (real prompt tokens).
       cache["k"], ["v"]: lists of L arrays [B, K, E, M] and [B, K, M, E], the generated tokens'
-        keys and values, one buffer per layer, updated in place at slot cache["index"]; slots
-        <= index are live.
+        keys and values, one buffer per layer; row b writes this token's key and value in place at slot
+        cache["index"][b], and its slots <= index[b] are live (rows may be at different steps: the sampler
+        refills finished rows; a slot above index[b] may hold a finished sample's values, masked out).
       Heads come before slots, and keys are stored transposed, so that scores and values are
       plain batched matmuls.
     layers, w_DV: from step_params (prepared once, outside the loop). Params must already be
@@ -316,11 +327,12 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
     dtype = jnp.dtype(config.dtype)
     eps = config.rms_norm_eps
     inv_freq = rope_inv_freq(config)
-    index = cache["index"]
+    index_B = cache["index"]
     r, kv, e, _ = cache["prompt_k"][0].shape
     b, _, m, _ = cache["v"][0].shape
     n, g = b // r, config.num_heads // kv
-    live_M = jnp.arange(m) <= index  # generated slots written so far, this step's included
+    live_B11M = (jnp.arange(m)[None, :] <= index_B[:, None])[:, None, None, :]  # slots written, this step's included
+    rows_B = jnp.arange(b)
     prompt_RP = cache["prompt_mask"]
 
     def to_r(x):  # [B, K, G, ...] -> [R, K, N * G, ...]
@@ -351,8 +363,8 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         # so XLA updates it in place (reading the old buffer after the update would force a
         # copy of the whole buffer every step).
         gk, gv = cache["k"][l], cache["v"][l]
-        k_BKEM = jax.lax.dynamic_update_slice(gk, k_BKE.astype(gk.dtype)[..., None], (0, 0, 0, index))
-        v_BKME = jax.lax.dynamic_update_slice(gv, v_BKE.astype(gv.dtype)[:, :, None], (0, 0, index, 0))
+        k_BKEM = gk.at[rows_B, :, :, index_B].set(k_BKE.astype(gk.dtype), unique_indices=True)
+        v_BKME = gv.at[rows_B, :, index_B, :].set(v_BKE.astype(gv.dtype), unique_indices=True)
         ks.append(k_BKEM)
         vs.append(v_BKME)
         pk_RKEP, pv_RKPE = cache["prompt_k"][l], cache["prompt_v"][l]
@@ -368,7 +380,7 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
             s_BKGM = jnp.sum(q_BKGE[..., None] * k_BKEM[:, :, None], axis=3, dtype=jnp.float32) * (e**-0.5)
         else:
             s_BKGM = jnp.einsum("bkge,bkem->bkgm", q_BKGE, k_BKEM, preferred_element_type=jnp.float32) * (e**-0.5)
-        s_BKGM = jnp.where(live_M, s_BKGM, NEG_INF)
+        s_BKGM = jnp.where(live_B11M, s_BKGM, NEG_INF)
         mx_BKG = jnp.maximum(to_b(jnp.max(s_RKXP, axis=-1)), jnp.max(s_BKGM, axis=-1))
         e_RKXP = jnp.exp(s_RKXP - to_r(mx_BKG)[..., None])
         e_BKGM = jnp.exp(s_BKGM - mx_BKG[..., None])
@@ -391,4 +403,4 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         h_BD = h_BD + gated_BF @ p["down"]
     h_BD = rms_norm(h_BD, params["final_norm"], eps)
     logits_BV = jnp.einsum("bd,dv->bv", h_BD, w_DV, preferred_element_type=jnp.float32)
-    return logits_BV, dict(cache, k=ks, v=vs, index=index + 1)
+    return logits_BV, dict(cache, k=ks, v=vs, index=index_B + 1)
