@@ -195,6 +195,8 @@ def generate(
     eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
     if mesh is None and distributed.process_count() > 1:
         raise ValueError(f"generate on {distributed.process_count()} processes needs mesh= (a mesh over their devices)")
+    if not prompts:
+        return GenerateOutput([], [], [])
 
     greedy = temperature == 0.0
     top_k = 0 if greedy or top_k >= config.vocab_size else int(top_k)
@@ -259,7 +261,8 @@ class _Run:
     The decode batch has `rows` rows in `slots` prompt slots of spec.per_slot rows each (row b is in slot
     b // per_slot). A slot holds one prompt's cache at a time; its rows take that prompt's samples j = 0..n-1 in
     order, each row starting its next sample as soon as its previous one finished; when all n samples of the
-    slot's prompt are finished, the slot takes the next waiting prompt. Prompts are prefilled `chunk_rows` at a
+    slot's prompt are finished, the slot takes the next waiting prompt or, once none waits, a copy of the prompt
+    with the most samples still to start. Prompts are prefilled `chunk_rows` at a
     time (the chunk's caches wait on the device until slots take them). The decode loop leaves the device only
     when enough rows can be refilled (`_refill_min`), or when every row is done."""
 
@@ -282,7 +285,7 @@ class _Run:
         t0, finished, reported = time.time(), 0, 0
         timing = self.stats is not None
         prefill_s = decode_s = 0.0
-        live_slot_steps = steps = segments = 0
+        live_slot_steps = steps = segments = 0  # steps: the decode loop's iteration count (state["i"])
         state = _init_state(config, spec, mesh, rules, self.rows, self.plen, self.consts)
         while True:
             t = time.perf_counter()
@@ -296,12 +299,11 @@ class _Run:
             left = np.array([self._left(r) for r in range(self.slots)], np.int32)
             sched = dict(left=jnp.asarray(left), waiting=jnp.bool_(self._waiting() or left.any()),
                          at_least=jnp.int32(_refill_min(self.rows)))
-            i0 = int(distributed.fetch(state["i"]))
             state = _decode(config, spec, mesh, rules, self.params, state, self.consts, sched)
             toks, lps, lens, reasons, done, i1 = distributed.fetch(
                 (state["tokens"], state["logprobs"], state["length"], state["reason"], state["done"], state["i"]))
             decode_s += time.perf_counter() - t
-            steps += int(i1) - i0
+            steps = int(i1)
             segments += 1
             for b, job in enumerate(self.row_job):
                 if job is not None and done[b]:

@@ -356,6 +356,7 @@ def test_bad_arguments_fail_loudly(small_params):
         sampling.generate(SMALL, small_params, [[1, 99]], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         sampling.generate(SMALL, small_params, [[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
+    assert sampling.generate(SMALL, small_params, [], max_new_tokens=2).tokens == []  # nothing to do is not an error
 
 
 # ---------------------------------------------------------------------------------------
