@@ -21,11 +21,11 @@ Two ways through the same weights:
   hidden_states / forward   the whole sequence at once (training, scoring, and the sampler's prefill,
                             which also takes each layer's keys and values: return_kv=True);
   decode_step               one new token per row over the sampling cache (step_cache), laid out for a
-                            memory-bound step: the prompt's keys/values once per prompt, shared by its N
-                            samples ([R, K, P, E] per layer), the generated ones per sample ([B, K, M, E]
-                            per layer, written in place), heads before slots so that attention is batched
-                            matmuls. (A stacked [L, B, S, K, E] cache made XLA on CPU copy the whole cache
-                            every step, ~7x slower.) Rows are b = r * N + j (sample j of prompt r).
+                            memory-bound step: a prompt's keys/values once per prompt slot, shared by the
+                            slot's rows ([R, K, E, P] per layer), the generated ones per row ([B, K, E, M]
+                            per layer, written in place at each row's own slot), heads before slots so that
+                            attention is batched matmuls. (A stacked [L, B, S, K, E] cache made XLA on CPU
+                            copy the whole cache every step, ~7x slower.) Row b is in prompt slot b // (B / R).
 RoPE positions are per row and per token, independent of slots, so left padding does not shift them.
 """
 
@@ -312,7 +312,7 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
     """One token per row through the decoder over the sampling cache (step_cache): the math of
     hidden_states for one more token (tested against forward and against HF).
       cache["prompt_k"], ["prompt_v"]: lists of L arrays [R, K, E, P] and [R, K, P, E], the
-        prompt's keys and values, stored once per prompt and shared by its N samples (never
+        prompt's keys and values, stored once per prompt slot and shared by its B / R rows (never
         written here); cache["prompt_mask"] [R, P] (real prompt tokens).
       cache["k"], ["v"]: lists of L arrays [B, K, E, M] and [B, K, M, E], the generated tokens'
         keys and values, one buffer per layer; row b writes this token's key and value in place at slot
