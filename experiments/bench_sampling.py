@@ -594,7 +594,12 @@ def waste(args) -> None:
     config, params = load_pretrained(cfg.model.path)
     new, temperature = args.new or 512, float(cfg.irpo.temperatures[0])
     kw = dict(n=n, max_new_tokens=new, temperature=temperature, seed=0, batch_size=chunk, progress=False)
-    old = sample_before(args.waste_before, cfg.model.path, prompts, kw)
+    if args.waste_before == "none":  # the after run alone (no comparison; not recorded)
+        args.no_record = True
+        old = {"tokens": [], "logprobs": [], "stats": {"decode_steps": 0, "slot_steps": 1, "live_slot_steps": 0,
+                                                       "wall_s": float("nan")}}
+    else:
+        old = sample_before(args.waste_before, cfg.model.path, prompts, kw)
     before = old["stats"]
     print(f"before: {before}", flush=True)
     kw["eos_ids"] = config.eos_token_ids
@@ -792,7 +797,7 @@ def main():
                     help="bfloat16 against float32 on SmolLM2: greedy agreement over 64 GSM8K prompts, and speed")
     ap.add_argument("--waste-n", default=8, type=int, help="--waste: samples per prompt (a divisor of 64)")
     ap.add_argument("--waste-prompts", default=16, type=int, help="--waste: GSM8K test questions to sample")
-    ap.add_argument("--waste-before", default="5916ff2", help="--waste: the git revision of the sampler before")
+    ap.add_argument("--waste-before", default="5916ff2", help="--waste: the git revision of the sampler before ('none': run only the after side, not recorded)")
     ap.add_argument("--waste-rows-per-prompt", default=2, type=int,
                     help="--waste: rows per prompt slot in the continuous-batching run")
     ap.add_argument("--waste", default="", metavar="GSM8K_DIR",
