@@ -32,6 +32,11 @@ for SmolLM2 sampling GSM8K test questions (--waste-prompts, N = --waste-n), befo
 worth of prompts, no refill) and after continuous batching (--waste-rows-per-prompt), checks the samples are
 identical, and replays the schedule for other settings (its own section of the results file).
 
+--step-ab REV times one decode step of SmolLM2-135M-Instruct (real weights, 64 rows, 64 and 512 generated slots)
+with rpo/models/decoder.py at git revision REV against this working tree's, alternately in one process, and
+checks the logits are bitwise equal (its own section of the results file):
+  flock /tmp/rpo-bench.lock .venv/bin/python experiments/bench_sampling.py --step-ab 0968666
+
 --dtype-study GSM8K_DIR: bfloat16 against float32 on SmolLM2 (greedy, 64 GSM8K prompts): how many
 completions are token-for-token equal, whether the answers agree, and the speed of each.
 
@@ -574,6 +579,89 @@ def sample_before(rev: str, model: str, prompts, kw: dict) -> dict:
             return json.load(f)
 
 
+def step_ab(args) -> None:
+    """One decode step of SmolLM2-135M-Instruct (real weights, float32, 64 rows, 4 per prompt slot, 128-token
+    prompts of varied padding, the generated part of the cache filled with noise, rows at different write slots)
+    with rpo/models/decoder.py as it was at git revision --step-ab (loaded beside this tree's rpo) and as it is,
+    in one process, the two steps called alternately (the order flipped every pair), 16 pairs after a compiling
+    one: per slot count, each side's median, the median and quartiles of the per-pair time ratio, and whether the
+    first step's logits are bitwise equal."""
+    import importlib.util
+    import subprocess
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rpo.models import decoder, load_pretrained, smollm2
+
+    rev, pairs = args.step_ab, 16
+    root = os.path.abspath(os.path.join(os.path.dirname(RESULTS), "..", ".."))
+    source = subprocess.run(["git", "-C", root, "show", f"{rev}:rpo/models/decoder.py"], check=True,
+                            capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader(f"decoder_at_{rev}", loader=None)
+    before = importlib.util.module_from_spec(spec)
+    exec(compile(source, f"{rev}:rpo/models/decoder.py", "exec"), before.__dict__)
+    config, params = load_pretrained(smollm2.prepare())
+    rows, n, plen, key = 64, 4, 128, jax.random.key(0)
+    r = rows // n
+    shape = (config.num_layers, r, plen, config.num_kv_heads, config.head_dim)
+    kv = {name: jax.random.normal(jax.random.fold_in(key, i), shape) for i, name in enumerate("kv")}
+    tok = jnp.asarray(np.arange(rows) * 13 % config.vocab_size, jnp.int32)
+    table = []
+    for new in (64, 512):
+        index = np.arange(rows, dtype=np.int32) * 7 % new
+        sides = {}
+        for side, mod in (("before", before), ("after", decoder)):
+            layers, w_DV = mod.step_params(config, params)
+            mask = jnp.arange(plen)[None, :] >= (jnp.arange(r) * 5 % plen)[:, None]  # its own: the cache is donated
+            cache = mod.step_cache(config, kv, mask, n, new)
+            for name, base in (("k", 100), ("v", 200)):  # a filled generated part
+                cache[name] = [jax.random.normal(jax.random.fold_in(key, base + l), c.shape, c.dtype)
+                               for l, c in enumerate(cache[name])]
+            step = jax.jit(lambda tok, pos, c, mod=mod, layers=layers, w_DV=w_DV:
+                           mod.decode_step(config, params, layers, w_DV, tok, pos, c), donate_argnums=(2,))
+            sides[side] = {"step": step, "cache": cache, "ms": []}
+        logits = {}
+        for i in range(pairs + 1):
+            for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
+                s = sides[side]
+                s["cache"]["index"] = jnp.asarray(index)  # a fresh array each call: the cache is donated
+                t = time.perf_counter()
+                out, s["cache"] = s["step"](tok, jnp.asarray(index + plen), s["cache"])
+                out.block_until_ready()
+                if i == 0:
+                    logits[side] = np.asarray(out)
+                else:
+                    s["ms"].append(1e3 * (time.perf_counter() - t))
+        ratios = [a / b for a, b in zip(sides["after"]["ms"], sides["before"]["ms"])]
+        q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+        equal = np.array_equal(logits["before"], logits["after"])
+        table.append(f"| {new} | {statistics.median(sides['before']['ms']):.0f} | "
+                     f"{statistics.median(sides['after']['ms']):.0f} | **{med:.2f}** ({q1:.2f}-{q3:.2f}) | "
+                     f"{'yes' if equal else 'NO'} |")
+        print(table[-1], flush=True)
+    head = "## Decode step against an earlier revision (`--step-ab`)"
+    lines = [
+        head,
+        "",
+        f"- date: {utc_now()}; machine: {device_name()}; jax {jax.__version__}",
+        f"- command: `{command_line()}`",
+        f"- before: rpo/models/decoder.py at git revision {rev}; after: this working tree's. One jitted decode_step"
+        " (its cache donated) of SmolLM2-135M-Instruct, real weights, float32, 64 rows in 16 prompt slots of 4,"
+        " 128-token prompts (left padding of varied length), the generated part of the cache filled with noise and"
+        f" the rows at different write slots. Both steps in one process, called alternately, {pairs} pairs after"
+        " a compiling one, the order flipped every pair; logits: the first step's, compared bit for bit",
+        "",
+        "| generated slots | before (ms, median) | after (ms, median) | after / before per pair: median (quartiles) |"
+        " logits bitwise equal |",
+        "|---|---|---|---|---|",
+        *table,
+    ]
+    if not args.no_record:
+        _record_section(head, lines)
+
+
 def waste(args) -> None:
     """Finished-row waste on real completions, before and after continuous batching: SmolLM2-135M-Instruct
     sampling GSM8K test questions (configs/smollm2.py's zero-shot chat prompts) at IRPO's temperature, N samples
@@ -739,7 +827,7 @@ def dtype_study(args) -> None:
         "| | float32 | bfloat16 |",
         "|---|---|---|",
         f"| completions token-for-token equal to float32's | {len(rows)} / {len(rows)} | {equal} / {len(rows)} |",
-        f"| first differing token of the others (min / median / max) | | "
+        "| first differing token of the others (min / median / max) | | "
         + (f"{min(first)} / {int(np.median(first))} / {max(first)} |" if first else "none differ |"),
         f"| extracted answer equal to float32's | {len(rows)} / {len(rows)} | {same_answer} / {len(rows)} |",
         f"| correct (of {len(rows)}) | {int(np.sum(a['correct']))} | {int(np.sum(b['correct']))} |",
@@ -800,6 +888,8 @@ def main():
     ap.add_argument("--waste-before", default="5916ff2", help="--waste: the git revision of the sampler before ('none': run only the after side, not recorded)")
     ap.add_argument("--waste-rows-per-prompt", default=2, type=int,
                     help="--waste: rows per prompt slot in the continuous-batching run")
+    ap.add_argument("--step-ab", default="", metavar="REV",
+                    help="time SmolLM2's decode step at git revision REV against this working tree")
     ap.add_argument("--waste", default="", metavar="GSM8K_DIR",
                     help="measure the finished-row waste of SmolLM2 sampling GSM8K (test.jsonl in GSM8K_DIR)")
     args = ap.parse_args()
@@ -808,6 +898,9 @@ def main():
         return
     if args.waste:
         waste(args)
+        return
+    if args.step_ab:
+        step_ab(args)
         return
     if args.dtype_study:
         dtype_study(args)

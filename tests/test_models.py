@@ -321,3 +321,19 @@ def test_causality_and_param_axes_cover_params():
     la, lb = M.forward(config, params, a), M.forward(config, params, b)
     np.testing.assert_array_equal(np.asarray(la[0, :6]), np.asarray(lb[0, :6]))
     assert np.abs(np.asarray(la[0, 6:] - lb[0, 6:])).max() > 1e-4
+
+
+def test_attention_loop_over_slots_is_the_multiply_reduce_bit_for_bit():
+    """decode_step's products over the generated slots (_batched_products: on CPU a loop over the summed axis,
+    `unroll` entries per iteration) give bit for bit the broadcast multiply-reduce it replaces, with the summed
+    axis a multiple of `unroll` or not, in float32 and bfloat16, and the float64 products to rounding."""
+    rng = np.random.default_rng(0)
+    reduce = jax.jit(lambda x, y: jnp.sum(x[..., None] * y[:, :, None], axis=3, dtype=jnp.float32))
+    for i, z, unroll, dtype in ((64, 40, 8, jnp.float32), (37, 64, 8, jnp.float32), (48, 16, 32, jnp.bfloat16)):
+        x = jnp.asarray(rng.standard_normal((4, 2, 3, i)), dtype)
+        y = jnp.asarray(rng.standard_normal((4, 2, i, z)), dtype)
+        got = jax.jit(decoder._batched_products, static_argnums=2)(x, y, unroll)
+        assert got.dtype == jnp.float32 and got.shape == (4, 2, 3, z)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(reduce(x, y)))
+        exact = np.einsum("bkgi,bkiz->bkgz", np.asarray(x, np.float64), np.asarray(y, np.float64))
+        np.testing.assert_allclose(np.asarray(got), exact, atol=1e-4 if dtype == jnp.float32 else 0.15)

@@ -308,6 +308,29 @@ def step_params(config: ModelConfig, params: Params):
     return layers, unembed_matrix(config, params)
 
 
+def _batched_products(x_BKGI: jax.Array, y_BKIZ: jax.Array, unroll: int) -> jax.Array:
+    """sum_i x[b, k, g, i] * y[b, k, i, z] in float32, the products in the inputs' dtype and summed in order of i:
+    attention's B x K tiny products over the generated slots (scores: i = head_dim, z = slots; outputs: i = slots,
+    z = head_dim). Written as a broadcast multiply-reduce, which beats batched matmuls here on CPU (SmolLM2, G = 3:
+    a 256-row step 1.12 -> 0.94 s); on CPU run as a loop over i (`unroll` entries per iteration) adding each
+    slice's products to a [B, K, G, Z] accumulator. The sums are bit for bit the reduce's (XLA:CPU adds a reduce's
+    terms in order), but XLA:CPU runs the reduce over the non-minor axis i slowly, and fuses the output side's into
+    the o-projection's matmul, slower still: a SmolLM2 step at 64 rows and 512 slots took 0.7x the time with the
+    loops (experiments/results/bench_sampling.md). Elsewhere the reduce itself: a loop adds a kernel launch per
+    iteration on a GPU."""
+    if jax.default_backend() != "cpu":
+        return jnp.sum(x_BKGI[..., None] * y_BKIZ[:, :, None], axis=3, dtype=jnp.float32)
+    x_IBKG = jnp.moveaxis(x_BKGI, 3, 0)
+
+    def add_products(i, acc_BKGZ):
+        y_BKZ = jax.lax.dynamic_index_in_dim(y_BKIZ, i, 2, keepdims=False)
+        return acc_BKGZ + (x_IBKG[i][..., None] * y_BKZ[:, :, None]).astype(jnp.float32)
+
+    b, k, g, i = x_BKGI.shape
+    zeros_BKGZ = jnp.zeros((b, k, g, y_BKIZ.shape[-1]), jnp.float32)
+    return jax.lax.fori_loop(0, i, add_products, zeros_BKGZ, unroll=unroll)
+
+
 def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B, cache: Cache):
     """One token per row through the decoder over the sampling cache (step_cache): the math of
     hidden_states for one more token (tested against forward and against HF).
@@ -373,11 +396,10 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         # then one softmax over both.
         s_RKXP = jnp.einsum("rkxe,rkep->rkxp", to_r(q_BKGE), pk_RKEP, preferred_element_type=jnp.float32) * (e**-0.5)
         s_RKXP = jnp.where(prompt_RP[:, None, None, :], s_RKXP, NEG_INF)
-        # The generated part is B x K tiny products (G query heads x M slots) streamed from memory. Measured on
-        # CPU (experiments/results/bench_sampling.md): with G > 1 a broadcast multiply-reduce beats batched
-        # matmuls (SmolLM2, G = 3: a 256-row step 1.12 -> 0.94 s); with G = 1 it is 3x slower than the matmul.
+        # The generated part is B x K tiny products (G query heads x M slots) streamed from memory: with G > 1
+        # _batched_products (measured on CPU); with G = 1 the batched matmul (the multiply-reduce was 3x slower).
         if g > 1:
-            s_BKGM = jnp.sum(q_BKGE[..., None] * k_BKEM[:, :, None], axis=3, dtype=jnp.float32) * (e**-0.5)
+            s_BKGM = _batched_products(q_BKGE, k_BKEM, unroll=8) * (e**-0.5)
         else:
             s_BKGM = jnp.einsum("bkge,bkem->bkgm", q_BKGE, k_BKEM, preferred_element_type=jnp.float32) * (e**-0.5)
         s_BKGM = jnp.where(live_B11M, s_BKGM, NEG_INF)
@@ -387,7 +409,7 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         den_BKG = to_b(jnp.sum(e_RKXP, axis=-1)) + jnp.sum(e_BKGM, axis=-1)
         o_RKXE = jnp.einsum("rkxp,rkpe->rkxe", e_RKXP.astype(pv_RKPE.dtype), pv_RKPE, preferred_element_type=jnp.float32)
         if g > 1:
-            o_BKGE = jnp.sum(e_BKGM.astype(v_BKME.dtype)[..., None] * v_BKME[:, :, None], axis=3, dtype=jnp.float32)
+            o_BKGE = _batched_products(e_BKGM.astype(v_BKME.dtype), v_BKME, unroll=32)
         else:
             o_BKGE = jnp.einsum("bkgm,bkme->bkge", e_BKGM.astype(v_BKME.dtype), v_BKME,
                                 preferred_element_type=jnp.float32)
