@@ -315,7 +315,7 @@ def _batched_products(x_BKGI: jax.Array, y_BKIZ: jax.Array, unroll: int) -> jax.
     a 256-row step 1.12 -> 0.94 s); on CPU run as a loop over i (`unroll` entries per iteration) adding each
     slice's products to a [B, K, G, Z] accumulator. The sums are bit for bit the reduce's (XLA:CPU adds a reduce's
     terms in order), but XLA:CPU runs the reduce over the non-minor axis i slowly, and fuses the output side's into
-    the o-projection's matmul, slower still: a SmolLM2 step at 64 rows and 512 slots took 0.7x the time with the
+    the o-projection's matmul, slower still: a SmolLM2 step at 64 rows and 512 slots took 0.78x the time with the
     loops (experiments/results/bench_sampling.md). Elsewhere the reduce itself: a loop adds a kernel launch per
     iteration on a GPU."""
     if jax.default_backend() != "cpu":
