@@ -500,7 +500,8 @@ def schedule(lengths, rows: int, per_slot: int, at_least: int) -> tuple[int, int
     lengths (lengths[i][j]: sample j of prompt i), replayed without a model: `rows` rows in prompt slots of
     `per_slot` rows; prompts taken in order, a prompt's samples in order; once no prompt waits, an empty slot
     copies the prompt with the most samples still to start; the loop hands back once `at_least` rows can be
-    refilled. Checked against the sampler's own counts in waste(); used to see other settings."""
+    refilled. Checked against the sampler's own counts in waste() and in tests/test_sampling.py; used to cost
+    other settings."""
     n, slots = len(lengths[0]), rows // per_slot
     slot_prompt, next_sample = [-1] * slots, {}
     left = [0] * rows  # decode steps a row still has to run (its first token comes from the prefill)

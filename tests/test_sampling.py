@@ -247,6 +247,17 @@ def test_same_seed_same_samples_independent_of_batching(small_params):
     assert len({tuple(t) for t in a.tokens[0]}) > 1
 
 
+def _bench_sampling():
+    """experiments/bench_sampling.py as a module (its heavy imports are inside its functions)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "bench_sampling.py")
+    spec = importlib.util.spec_from_file_location("bench_sampling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_refilled_rows_give_the_same_samples_with_less_work():
     """Continuous batching: with fewer decode rows per prompt (rows_per_prompt), finished rows start the next
     sample or take the next prompt. Same decode rows, so the samples are bitwise the ones the loop without refill
@@ -270,6 +281,13 @@ def test_refilled_rows_give_the_same_samples_with_less_work():
         assert out.finish_reasons == runs[4][0].finish_reasons
         assert st["live_slot_steps"] == runs[4][1]["live_slot_steps"] == sum(max(k - 1, 0) for k in lengths)
         assert st["decode_segments"] > 1
+    # The benchmark's model-free replay of this schedule (experiments/bench_sampling.py, used there to cost other
+    # settings) gives the loop's own step and live row-step counts.
+    bench = _bench_sampling()
+    per_prompt = [[len(t) for t in ts] for ts in runs[4][0].tokens]
+    for s, (_, st) in runs.items():
+        replay = bench.schedule(per_prompt, 8, s, sampling._refill_min(8))
+        assert replay == (st["decode_steps"], st["live_slot_steps"]), (s, replay, st)
     # Within-prompt refill (s = 2 < n) wastes less than whole-prompt refill (s = n). (s = 1 runs each prompt's
     # samples one after another, so the call's last prompts leave a long tail: more waste here, with 10 prompts.)
     waste = {s: 1 - st["live_slot_steps"] / st["slot_steps"] for s, (_, st) in runs.items()}
