@@ -320,11 +320,11 @@ def _batched_products(x_BKGI: jax.Array, y_BKIZ: jax.Array, unroll: int) -> jax.
     iteration on a GPU."""
     if jax.default_backend() != "cpu":
         return jnp.sum(x_BKGI[..., None] * y_BKIZ[:, :, None], axis=3, dtype=jnp.float32)
-    x_IBKG = jnp.moveaxis(x_BKGI, 3, 0)
 
-    def add_products(i, acc_BKGZ):
+    def add_products(i, acc_BKGZ):  # x read in place at i (a moveaxis first cost a transpose kernel per call)
+        x_BKG = jax.lax.dynamic_index_in_dim(x_BKGI, i, 3, keepdims=False)
         y_BKZ = jax.lax.dynamic_index_in_dim(y_BKIZ, i, 2, keepdims=False)
-        return acc_BKGZ + (x_IBKG[i][..., None] * y_BKZ[:, :, None]).astype(jnp.float32)
+        return acc_BKGZ + (x_BKG[..., None] * y_BKZ[:, :, None]).astype(jnp.float32)
 
     b, k, g, i = x_BKGI.shape
     zeros_BKGZ = jnp.zeros((b, k, g, y_BKIZ.shape[-1]), jnp.float32)
