@@ -288,7 +288,8 @@ def decode_step_alone(config, params, rows: int, n: int, plen: int, new: int):
     half = lambda: jnp.full((rows,), new // 2, jnp.int32)  # noqa: E731  (a fresh array: the cache is donated)
     state["cache"]["index"] = half()
     tok = jnp.zeros((rows,), jnp.int32)
-    step = jax.jit(lambda tok, cache: decoder.decode_step(config, params, layers, w_DV, tok, tok, cache),
+    rope_PE = decoder.rope_table(config, plen + new)
+    step = jax.jit(lambda tok, cache: decoder.decode_step(config, params, layers, w_DV, tok, tok, cache, rope_PE),
                    donate_argnums=(1,))
     def run():
         logits, state["cache"] = step(tok, state["cache"])
@@ -661,13 +662,15 @@ def step_ab(args) -> None:
         sides = {}
         for side, mod in (("before", before), ("after", decoder)):
             layers, w_DV = mod.step_params(config, params)
+            # decode_step's rope table argument (revisions before decoder.rope_table take none)
+            rope = (mod.rope_table(config, plen + new),) if hasattr(mod, "rope_table") else ()
             mask = jnp.arange(plen)[None, :] >= (jnp.arange(r) * 5 % plen)[:, None]  # its own: the cache is donated
             cache = mod.step_cache(config, kv, mask, n, new)
             for name, base in (("k", 100), ("v", 200)):  # a filled generated part
                 cache[name] = [jax.random.normal(jax.random.fold_in(key, base + l), c.shape, c.dtype)
                                for l, c in enumerate(cache[name])]
-            step = jax.jit(lambda tok, pos, c, mod=mod, layers=layers, w_DV=w_DV:
-                           mod.decode_step(config, params, layers, w_DV, tok, pos, c), donate_argnums=(2,))
+            step = jax.jit(lambda tok, pos, c, mod=mod, layers=layers, w_DV=w_DV, rope=rope:
+                           mod.decode_step(config, params, layers, w_DV, tok, pos, c, *rope), donate_argnums=(2,))
             sides[side] = {"step": step, "cache": cache, "ms": []}
         logits = {}
         for i in range(pairs + 1):
@@ -686,7 +689,8 @@ def step_ab(args) -> None:
         equal = np.array_equal(logits["before"], logits["after"])
         table.append(f"| {new} | {statistics.median(sides['before']['ms']):.0f} | "
                      f"{statistics.median(sides['after']['ms']):.0f} | **{med:.2f}** ({q1:.2f}-{q3:.2f}) | "
-                     f"{'yes' if equal else 'NO'} |")
+                     + ("yes |" if equal else
+                        f"no (max abs difference {np.abs(logits['before'] - logits['after']).max():.1e}) |"))
         print(table[-1], flush=True)
     head = "## Decode step against an earlier revision (`--step-ab`)"
     lines = [

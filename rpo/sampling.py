@@ -783,6 +783,7 @@ def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts
     trace_counts["decode"] += 1
     layers, w_DV = decoder.step_params(config, params)
     m, s = spec.max_new, spec.per_slot
+    rope_PE = decoder.rope_table(config, state["cache"]["prompt_mask"].shape[1] + m)  # positions < prompt bucket + m
     left_R = sched["left"]
 
     def cond(state):
@@ -798,7 +799,7 @@ def _decode(config: ModelConfig, spec: _Spec, mesh, rules, params, state, consts
         # writes its key and value at generated slot length - 1.
         cache = dict(state["cache"], index=jnp.clip(length_B - 1, 0, m - 1))
         pos_B = jnp.repeat(state["prompt_end"], s) + length_B - 1
-        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, cache)
+        logits_BV, cache = decoder.decode_step(config, params, layers, w_DV, state["last"], pos_B, cache, rope_PE)
         state = dict(state, cache=cache, i=state["i"] + 1)
         tok, lp = choose(spec, logits_BV, _uniforms(state["keys"], length_B), consts["temperature"], consts["top_p"],
                          live_B)

@@ -96,7 +96,7 @@ def test_decode_steps_equal_the_full_forward(family):
     for t in range(steps):
         tok_B = np.array([rows[i][j][lengths[i] + t] for i in range(r) for j in range(n)], np.int32)
         pos_B = np.array([lengths[i] + t for i in range(r) for _ in range(n)], np.int32)
-        logits_BV, cache = step(config, params, layers, w_DV, tok_B, pos_B, cache)
+        logits_BV, cache = step(config, params, layers, w_DV, tok_B, pos_B, cache, decoder.rope_table(config, prompt_len + steps))
         got[:, :, t] = np.asarray(logits_BV).reshape(r, n, -1)
     assert (np.asarray(cache["index"]) == steps).all()
 
