@@ -91,12 +91,13 @@ def test_decode_steps_equal_the_full_forward(family):
                                   mask_BT=jnp.asarray(mask), return_kv=True)
     cache = decoder.step_cache(config, kv, jnp.asarray(mask), n, steps)
     layers, w_DV = decoder.step_params(config, params)
+    rope_PE = decoder.rope_table(config, prompt_len + steps)
     step = jax.jit(decoder.decode_step, static_argnums=0)
     got = np.zeros((r, n, steps, config.vocab_size), np.float32)
     for t in range(steps):
         tok_B = np.array([rows[i][j][lengths[i] + t] for i in range(r) for j in range(n)], np.int32)
         pos_B = np.array([lengths[i] + t for i in range(r) for _ in range(n)], np.int32)
-        logits_BV, cache = step(config, params, layers, w_DV, tok_B, pos_B, cache, decoder.rope_table(config, prompt_len + steps))
+        logits_BV, cache = step(config, params, layers, w_DV, tok_B, pos_B, cache, rope_PE)
         got[:, :, t] = np.asarray(logits_BV).reshape(r, n, -1)
     assert (np.asarray(cache["index"]) == steps).all()
 

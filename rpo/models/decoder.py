@@ -146,7 +146,8 @@ def rope_tables(positions_BT: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[j
 def rope_table(config: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
     """(cos, sin) [length, E] in the compute dtype for positions 0 .. length - 1: decode_step's rope, made once per
     decode loop. Inside the step XLA:CPU recomputed cos and sin in every fusion that applies them, per element
-    (each query head's copy included): a SmolLM2 step at 256 rows took 0.91x the time with the table."""
+    (each query head's copy included): a 64-row SmolLM2 step takes 0.94x the time with the table
+    (experiments/results/bench_sampling.md, --step-ab)."""
     cos, sin = rope_tables(jnp.arange(length)[None], rope_inv_freq(config), jnp.dtype(config.dtype))
     return cos[0, :, 0], sin[0, :, 0]
 
