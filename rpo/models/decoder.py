@@ -429,7 +429,9 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
             o_BKGE = jnp.einsum("bkgm,bkme->bkge", e_BKGM.astype(v_BKME.dtype), v_BKME,
                                 preferred_element_type=jnp.float32)
         o_BKGE = (to_b(o_RKXE) + o_BKGE) / den_BKG[..., None]
-        out_BD = jnp.einsum("bhe,hed->bd", o_BKGE.reshape(b, kv * g, e).astype(dtype), p["o"])
+        # One matmul over the flattened heads: as the einsum "bhe,hed->bd", XLA:CPU transposed the [H, E, D]
+        # weight to [E, H, D] every step when the weights are arguments (as in the sampler's loop).
+        out_BD = o_BKGE.reshape(b, kv * g * e).astype(dtype) @ p["o"].reshape(kv * g * e, -1)
         if config.o_bias:
             out_BD = out_BD + p["o_bias"]
         h_BD = h_BD + out_BD
