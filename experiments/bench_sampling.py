@@ -439,7 +439,7 @@ def roofline(args) -> None:
 
     load_start = os.getloadavg()
     n, plen, new = args.n, args.prompt_len or 128, args.new or 64
-    # The peak is measured again after each (model, rows) and at the end; the largest (the stricter yardstick) is used:
+    # The peak is measured again after each (model, rows); the largest (the stricter yardstick) is used:
     # on this shared 2-core VM the 2048^3 matmul alone read 75-144 GFLOP/s within one minute while a decode step's
     # time moved by about 10%.
     peaks = [matmul_peak(dtype=args.dtype)]

@@ -152,13 +152,17 @@ def rope_table(config: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
     return cos[0, :, 0], sin[0, :, 0]
 
 
-def rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray, tables=None) -> jax.Array:
-    """Rotary embedding in the rotate-half layout HF uses (no weight permutation needed). `tables`: rope_tables'
-    (cos, sin) for these positions, when the caller has them already."""
-    cos, sin = tables if tables is not None else rope_tables(positions_BT, inv_freq, x_BTNE.dtype)
+def apply_rope(x_BTNE: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding in the rotate-half layout HF uses (no weight permutation needed), given rope_tables'
+    (cos, sin) for x's positions."""
     half = x_BTNE.shape[-1] // 2
     rotated = jnp.concatenate([-x_BTNE[..., half:], x_BTNE[..., :half]], axis=-1)
     return x_BTNE * cos + rotated * sin
+
+
+def rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """apply_rope with the tables computed here, for these positions."""
+    return apply_rope(x_BTNE, *rope_tables(positions_BT, inv_freq, x_BTNE.dtype))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -363,7 +367,6 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
     """
     dtype = jnp.dtype(config.dtype)
     eps = config.rms_norm_eps
-    inv_freq = rope_inv_freq(config)
     index_B = cache["index"]
     r, kv, e, _ = cache["prompt_k"][0].shape
     b, _, m, _ = cache["v"][0].shape
@@ -381,8 +384,7 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         return jnp.swapaxes(x, 1, 2).reshape(b, kv, g, *x.shape[4:])
 
     h_BD = params["embed"][tok_B].astype(dtype)
-    pos_B1 = pos_B[:, None]
-    tables = tuple(t_PE[pos_B][:, None, None, :] for t_PE in rope_PE)  # cos, sin [B, 1, 1, E]
+    cos_B11E, sin_B11E = (t_PE[pos_B][:, None, None, :] for t_PE in rope_PE)
     ks, vs = [], []
     for l, p in enumerate(layers):
         x_BD = rms_norm(h_BD, p["attn_norm"], eps)
@@ -395,8 +397,8 @@ def decode_step(config: ModelConfig, params: Params, layers, w_DV, tok_B, pos_B,
         if config.qk_norm:
             q_BHE = rms_norm(q_BHE, p["q_norm"], eps)
             k_BKE = rms_norm(k_BKE, p["k_norm"], eps)
-        q_BHE = rope(q_BHE[:, None], pos_B1, inv_freq, tables)[:, 0]
-        k_BKE = rope(k_BKE[:, None], pos_B1, inv_freq, tables)[:, 0]
+        q_BHE = apply_rope(q_BHE[:, None], cos_B11E, sin_B11E)[:, 0]
+        k_BKE = apply_rope(k_BKE[:, None], cos_B11E, sin_B11E)[:, 0]
         # Write first, then read the updated buffer: the old buffer's only use is the write,
         # so XLA updates it in place (reading the old buffer after the update would force a
         # copy of the whole buffer every step).
